@@ -1,0 +1,133 @@
+"""The hand-written backward pass: the error signal δ layer by layer, as the textbook writes it.
+
+With ``z⁽ˡ⁾ = W⁽ˡ⁾a⁽ˡ⁻¹⁾ + b⁽ˡ⁾``, ``a⁽ˡ⁾ = f(z⁽ˡ⁾)`` and the mean loss ``L`` over a batch of ``B``
+rows, the error signal ``δ⁽ˡ⁾ = ∂L/∂z⁽ˡ⁾`` obeys::
+
+    δ⁽ᴸ⁾ = (p − y) / B                         softmax + cross-entropy, sigmoid + binary CE
+    δ⁽ᴸ⁾ = (a⁽ᴸ⁾ − y) ⊙ g′(z⁽ᴸ⁾) / B            squared error with output activation g
+    δ⁽ˡ⁾ = f′(z⁽ˡ⁾) ⊙ (W⁽ˡ⁺¹⁾ᵀ δ⁽ˡ⁺¹⁾)            l = L−1, …, 1
+    ∂L/∂W⁽ˡ⁾ = Σₙ δ⁽ˡ⁾ a⁽ˡ⁻¹⁾ᵀ + λW⁽ˡ⁾          ∂L/∂b⁽ˡ⁾ = Σₙ δ⁽ˡ⁾
+
+Rows are examples, so ``Wᵀδ`` is ``δ @ W`` in code and ``Σₙ δ aᵀ`` is ``δ.T @ a``.
+
+Each layer kind contributes a local rule: the affine map its :func:`dense_backward`, the
+activation its ``f′`` (:mod:`fnbp.activations`), the loss its output δ (:mod:`fnbp.losses`). A
+new kind of layer is a new local rule beside these, not a rewrite of the loop.
+
+Nothing here calls ``jax.grad``, ``vjp``, ``jvp``, ``linearize`` or ``custom_vjp``: this module
+is the independent computation that :func:`fnbp.crosscheck` compares with ``jax.grad``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fnbp.losses import to_targets
+from fnbp.model import MLP, Params, check_inputs, check_l2, check_params, forward_trace, l2_penalty
+
+Array = jax.Array
+
+
+class Backprop(NamedTuple):
+    """What :func:`backprop` returns (a pytree: it passes through ``jit`` and ``vmap``).
+
+    Attributes:
+        loss: the scalar mean loss, penalty included.
+        grads: ``∂L/∂params``, same structure, shapes and dtypes as ``params``.
+        deltas: ``deltas[l] = δ = ∂L/∂z`` of the layer ``params[l]``, shape ``(batch, n)``.
+        activations: ``activations[l] = a = f(z)``, the output of layer ``params[l]``.
+    """
+
+    loss: Array
+    grads: Params
+    deltas: list[Array]
+    activations: list[Array]
+
+
+def dense_backward(p: dict[str, Array], a_prev: Array, delta: Array, l2) -> tuple[dict, Array]:
+    """Local backward rule of the affine map ``z = W a_prev + b``.
+
+    Arguments:
+        p: ``{"W": (n_out, n_in), "b": (n_out,)}``.
+        a_prev: the layer's input a⁽ˡ⁻¹⁾, shape ``(batch, n_in)``.
+        delta: δ⁽ˡ⁾ = ∂L/∂z⁽ˡ⁾, shape ``(batch, n_out)``.
+        l2: the L2 strength λ.
+
+    Returns:
+        ``(grads, back)``: ``{"W": Σₙ δ aᵀ + λW, "b": Σₙ δ}`` in the parameters' dtypes, and
+        ``back = W⁽ˡ⁾ᵀ δ⁽ˡ⁾ = ∂L/∂a⁽ˡ⁻¹⁾`` of shape ``(batch, n_in)``.
+    """
+    W = p["W"]
+    grads = {
+        "W": (delta.T @ a_prev).astype(W.dtype) + jnp.asarray(l2, W.dtype) * W,  # Σₙ δaᵀ + λW
+        "b": jnp.sum(delta, axis=0).astype(p["b"].dtype),  # Σₙ δ
+    }
+    return grads, delta @ W  # Wᵀδ, one row per example
+
+
+def _backprop(params: Params, model: MLP, x: Array, y: Array, l2) -> Backprop:
+    L, loss_fn = model.num_layers, model.loss_fn
+    z, a = forward_trace(params, model, x)  # z[l] = W⁽ˡ⁾a[l−1] + b⁽ˡ⁾, a[l] = f(z[l]); a[0] = x
+    t = to_targets(loss_fn, y, model.sizes[-1], z[L].dtype)
+    loss = jnp.mean(loss_fn.value(z[L], a[L], t)) + l2_penalty(params, l2)
+
+    delta, grads = [None] * (L + 1), [None] * (L + 1)
+    g_prime = model.layer_activation(L).df(z[L], a[L])
+    delta[L] = loss_fn.delta(z[L], a[L], t, g_prime) / x.shape[0]  # δ⁽ᴸ⁾ = (p − y)/B, …
+    for l in range(L, 0, -1):
+        # ∂L/∂W⁽ˡ⁾ = Σₙ δ⁽ˡ⁾a⁽ˡ⁻¹⁾ᵀ + λW⁽ˡ⁾,  ∂L/∂b⁽ˡ⁾ = Σₙ δ⁽ˡ⁾,  back = W⁽ˡ⁾ᵀδ⁽ˡ⁾
+        grads[l], back = dense_backward(params[l - 1], a[l - 1], delta[l], l2)
+        if l > 1:
+            f_prime = model.layer_activation(l - 1).df(z[l - 1], a[l - 1])
+            delta[l - 1] = f_prime * back  # δ⁽ˡ⁻¹⁾ = f′(z⁽ˡ⁻¹⁾) ⊙ (W⁽ˡ⁾ᵀ δ⁽ˡ⁾)
+    return Backprop(loss, grads[1:], delta[1:], a[1:])
+
+
+_backprop_jit = jax.jit(_backprop)
+
+
+def backprop(params: Params, model: MLP, x: Array, y: Array, *, l2=0.0) -> Backprop:
+    """Loss, gradients and per-layer error signals by the hand-written backward pass.
+
+    Arguments:
+        params: one ``{"W": (n_l, n_{l−1}), "b": (n_l,)}`` dict per layer.
+        model: the :class:`fnbp.MLP` spec.
+        x: inputs, shape ``(batch, sizes[0])``.
+        y: class indices ``(batch,)`` or targets ``(batch, sizes[-1])``.
+        l2: L2 strength λ ≥ 0; the loss gains (λ/2)Σ‖W‖² and ∂L/∂W gains λW.
+
+    Returns:
+        A :class:`Backprop` with ``.loss``, ``.grads``, ``.deltas`` and ``.activations``.
+
+    Raises:
+        ValueError, TypeError: for arguments that do not fit the model (see
+            :func:`fnbp.model.check_inputs`).
+    """
+    check_params(params, model)
+    check_inputs(model, x, y)
+    check_l2(l2)
+    return _backprop_jit(params, model, x, y, l2)
+
+
+def _per_example_grads(params, model, x, y, l2):
+    one = lambda xi, yi: _backprop(params, model, xi[None], yi[None], l2).grads  # noqa: E731
+    return jax.vmap(one)(x, y)
+
+
+_per_example_grads_jit = jax.jit(_per_example_grads)
+
+
+def per_example_grads(params: Params, model: MLP, x: Array, y: Array, *, l2=0.0) -> Params:
+    """Each example's gradient, from ``jax.vmap`` of the hand-written backprop of one example.
+
+    Returns:
+        Grads like ``params`` with a leading batch axis: ``W`` leaves of shape
+        ``(batch, n_l, n_{l−1})``. Their mean over the batch is ``backprop(...).grads``.
+    """
+    check_params(params, model)
+    check_inputs(model, x, y)
+    check_l2(l2)
+    return _per_example_grads_jit(params, model, x, y, l2)

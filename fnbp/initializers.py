@@ -1,0 +1,197 @@
+"""Initialization schemes and :func:`init_params`.
+
+Every scheme draws ``W⁽ˡ⁾`` of shape ``(fan_out, fan_in)`` with i.i.d. zero-mean entries of
+variance ``Var(W) = σ_w² / fan_in`` (this "σ_w²" is the quantity mean-field theory works with,
+:func:`sigma_w2`), and biases ``b⁽ˡ⁾ = 0`` unless a ``bias_std`` is given.
+
+=====================  =========================================  ===================
+scheme                 distribution of W_ij                       σ_w² = fan_in·Var(W)
+=====================  =========================================  ===================
+``he_normal``          truncated normal, Var = 2/fan_in            2
+``he_uniform``         U(±√(6/fan_in)), Var = 2/fan_in             2
+``lecun_normal``       truncated normal, Var = 1/fan_in            1
+``lecun_uniform``      U(±√(3/fan_in)), Var = 1/fan_in             1
+``glorot_normal``      truncated normal, Var = 2/(fan_in+fan_out)  2·fan_in/(fan_in+fan_out)
+``glorot_uniform``     U(±√(6/(fan_in+fan_out)))                   2·fan_in/(fan_in+fan_out)
+``orthogonal``         orthonormal rows or columns (gain 1)        fan_in/max(fan_in, fan_out)
+``standard_uniform``   U(±1/√fan_in), Var = 1/(3 fan_in)           1/3
+``naive``              N(0, 0.01²), the classic "small random"     10⁻⁴·fan_in
+=====================  =========================================  ===================
+
+The truncated normals are ``jax.nn.initializers``' own: cut at two standard deviations and
+rescaled so that the variance is exactly the one listed (PyTorch's ``kaiming_normal_`` samples
+an untruncated normal of the same variance). ``standard_uniform`` is the "commonly used
+heuristic" of Glorot & Bengio (2010) and the default weight init of ``torch.nn.Linear`` (whose
+biases, unlike these, are not zero). Ask for your own with :func:`normal_scheme` (N(0, σ²)) or
+:func:`variance_scaling_scheme` (Var = σ_w²/fan_in).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.nn import initializers as jinit
+
+from fnbp.model import MLP, Params
+
+# jax.nn.initializers assume kernels of shape (fan_in, fan_out); fnbp's W is (fan_out, fan_in).
+_AXES = {"in_axis": -1, "out_axis": -2}
+
+
+class InitScheme(NamedTuple):
+    """A weight-initialization scheme.
+
+    Attributes:
+        name: a label for reports.
+        weight_init: a ``jax.nn.initializers``-style ``(key, shape, dtype) -> W`` for
+            ``shape = (fan_out, fan_in)``.
+        weight_variance: ``(fan_in, fan_out) -> Var(W_ij)``, the variance it draws with.
+        bias_std: biases are drawn from N(0, bias_std²) (zero when 0).
+    """
+
+    name: str
+    weight_init: Callable
+    weight_variance: Callable[[int, int], float]
+    bias_std: float = 0.0
+
+
+def variance_scaling_scheme(
+    sigma_w2: float, distribution: str = "normal", *, bias_std: float = 0.0, name: str | None = None
+) -> InitScheme:
+    """Var(W_ij) = σ_w²/fan_in with the given distribution.
+
+    Arguments:
+        sigma_w2: σ_w² > 0 (2 is He, 1 is LeCun).
+        distribution: ``"normal"``, ``"truncated_normal"`` or ``"uniform"``.
+        bias_std: σ_b; biases ~ N(0, σ_b²).
+    """
+    if not (isinstance(sigma_w2, (int, float)) and math.isfinite(sigma_w2) and sigma_w2 > 0):
+        raise ValueError(f"sigma_w2 must be a finite number > 0, got {sigma_w2!r}")
+    if distribution not in ("normal", "truncated_normal", "uniform"):
+        raise ValueError(
+            f"distribution must be 'normal', 'truncated_normal' or 'uniform', got {distribution!r}"
+        )
+    _check_bias_std(bias_std)
+    return InitScheme(
+        name or f"variance_scaling(sigma_w2={sigma_w2:g}, {distribution})",
+        jinit.variance_scaling(float(sigma_w2), "fan_in", distribution, **_AXES),
+        lambda fan_in, fan_out: sigma_w2 / fan_in,
+        bias_std,
+    )
+
+
+def normal_scheme(std: float, *, bias_std: float = 0.0, name: str | None = None) -> InitScheme:
+    """W_ij ~ N(0, std²), whatever the layer's width (σ_w² = std²·fan_in)."""
+    if not (isinstance(std, (int, float)) and math.isfinite(std) and std > 0):
+        raise ValueError(f"std must be a finite number > 0, got {std!r}")
+    _check_bias_std(bias_std)
+    return InitScheme(
+        name or f"normal(std={std:g})",
+        jinit.normal(float(std)),
+        lambda fan_in, fan_out: std**2,
+        bias_std,
+    )
+
+
+def _check_bias_std(bias_std):
+    if not (isinstance(bias_std, (int, float)) and math.isfinite(bias_std) and bias_std >= 0):
+        raise ValueError(f"bias_std must be a finite number >= 0, got {bias_std!r}")
+
+
+SCHEMES: dict[str, InitScheme] = {
+    "he_normal": variance_scaling_scheme(2.0, "truncated_normal", name="he_normal"),
+    "he_uniform": variance_scaling_scheme(2.0, "uniform", name="he_uniform"),
+    "lecun_normal": variance_scaling_scheme(1.0, "truncated_normal", name="lecun_normal"),
+    "lecun_uniform": variance_scaling_scheme(1.0, "uniform", name="lecun_uniform"),
+    "glorot_normal": InitScheme(
+        "glorot_normal",
+        jinit.variance_scaling(1.0, "fan_avg", "truncated_normal", **_AXES),
+        lambda fan_in, fan_out: 2.0 / (fan_in + fan_out),
+    ),
+    "glorot_uniform": InitScheme(
+        "glorot_uniform",
+        jinit.variance_scaling(1.0, "fan_avg", "uniform", **_AXES),
+        lambda fan_in, fan_out: 2.0 / (fan_in + fan_out),
+    ),
+    "orthogonal": InitScheme(
+        "orthogonal",
+        jinit.orthogonal(1.0, column_axis=-1),
+        lambda fan_in, fan_out: 1.0 / max(fan_in, fan_out),
+    ),
+    "standard_uniform": InitScheme(
+        "standard_uniform",
+        # U(±1/√fan_in) has variance 1/(3·fan_in): variance_scaling "uniform" with scale 1/3.
+        jinit.variance_scaling(1.0 / 3.0, "fan_in", "uniform", **_AXES),
+        lambda fan_in, fan_out: 1.0 / (3.0 * fan_in),
+    ),
+    "naive": normal_scheme(0.01, name="naive"),
+}
+
+
+def get_scheme(scheme: str | InitScheme) -> InitScheme:
+    """Resolve a scheme name (a key of :data:`SCHEMES`) or pass an :class:`InitScheme` through.
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    if isinstance(scheme, InitScheme):
+        return scheme
+    try:
+        return SCHEMES[scheme]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown init scheme {scheme!r}; expected one of {sorted(SCHEMES)}, or an "
+            f"InitScheme from fnbp.normal_scheme / fnbp.variance_scaling_scheme"
+        ) from None
+
+
+def sigma_w2(scheme: str | InitScheme, fan_in: int, fan_out: int) -> float:
+    """σ_w² = fan_in·Var(W_ij) of a scheme for a layer of the given fans."""
+    return fan_in * get_scheme(scheme).weight_variance(fan_in, fan_out)
+
+
+def init_params(
+    key: jax.Array, model: MLP, scheme: str | InitScheme = "he_normal", *, dtype=jnp.float32
+) -> Params:
+    """Draw parameters for ``model``.
+
+    Pure in ``key``: ``jax.vmap(lambda k: init_params(k, model))(jax.random.split(key, n))``
+    draws a population of ``n`` networks with a leading population axis.
+
+    Arguments:
+        key: a JAX PRNG key (``jax.random.key(seed)``).
+        model: the :class:`fnbp.MLP` spec.
+        scheme: a name in :data:`SCHEMES` or an :class:`InitScheme`.
+        dtype: floating dtype of the parameters (float32 by default).
+
+    Returns:
+        A list with one ``{"W": (sizes[l], sizes[l−1]), "b": (sizes[l],)}`` dict per layer.
+    """
+    if not isinstance(model, MLP):
+        raise TypeError(f"model must be an fnbp.MLP, got {type(model).__name__}")
+    s = get_scheme(scheme)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"dtype must be a floating dtype, got {dtype!r}")
+    _check_key(key)
+    params = []
+    for k, (fan_in, fan_out) in zip(
+        jax.random.split(key, model.num_layers), zip(model.sizes[:-1], model.sizes[1:], strict=True)
+    ):
+        k_w, k_b = jax.random.split(k)
+        b = jnp.zeros((fan_out,), dtype)
+        if s.bias_std > 0:
+            b = s.bias_std * jax.random.normal(k_b, (fan_out,), dtype)
+        params.append({"W": s.weight_init(k_w, (fan_out, fan_in), dtype), "b": b})
+    return params
+
+
+def _check_key(key) -> None:
+    typed = hasattr(key, "dtype") and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    raw = hasattr(key, "dtype") and key.dtype == jnp.uint32 and tuple(key.shape) == (2,)
+    if not (typed and key.shape == ()) and not raw:
+        got = f"shape {key.shape}, dtype {key.dtype}" if hasattr(key, "dtype") else repr(key)
+        raise TypeError(f"key must be a single JAX PRNG key, e.g. jax.random.key(0); got {got}")
