@@ -277,7 +277,8 @@ def check_inputs(model: MLP, x, y=None) -> None:
             f"targets of shape ({batch}, {n_out})"
         )
     if classes and _concrete(y) and y.size:
-        lo, hi = int(jnp.min(y)), int(jnp.max(y))
+        labels = np.asarray(y)  # concrete: checked on the host, never staged into a trace
+        lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= n_out:
             raise ValueError(
                 f"y holds class labels in [{lo}, {hi}] but the model has {n_out} outputs, "
