@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import platform
 import sys
 import time
@@ -43,8 +44,8 @@ def _positive(kind):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be > 0 (and finite), got {text}")
         return value
 
     parse.__name__ = f"positive {kind.__name__}"
@@ -56,8 +57,8 @@ def _nonnegative_float(text):
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be >= 0 (and finite), got {text}")
     return value
 
 
@@ -74,7 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     def model_args(p, sizes_default):
         p.add_argument("--sizes", type=_sizes, default=sizes_default, help="layer widths, e.g. 64,128,128,10")
         p.add_argument("--activation", default="relu", choices=sorted(ACTIVATIONS))
-        p.add_argument("--loss", default="softmax_cross_entropy", choices=sorted(LOSSES))
+        p.add_argument(
+            "--loss", choices=sorted(LOSSES),
+            help="default: mse for teacher_student, softmax_cross_entropy otherwise",
+        )  # fmt: skip
         p.add_argument("--output-activation", default="identity", choices=sorted(ACTIVATIONS))
         p.add_argument("--init", default="he_normal", choices=sorted(SCHEMES), help="init scheme")
         p.add_argument("--seed", type=int, default=0)
@@ -142,9 +146,15 @@ def _train(args) -> int:
     from fnbp.train import fit
 
     sizes = args.sizes or _sizes(DEFAULT_SIZES[args.dataset])
+    regression = args.dataset == "teacher_student"
+    args.loss = args.loss or ("mse" if regression else "softmax_cross_entropy")
+    if regression and args.loss != "mse":
+        raise UsageError(f"--dataset teacher_student is a regression task: use --loss mse, not {args.loss}")
     model = MLP(sizes, args.activation, args.loss, args.output_activation)
     out = Path(args.out or f"runs/{args.dataset}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UsageError(f"--out {out} already exists and is not empty; pass --overwrite to replace it")
     ds = _load_dataset(args)
     if ds.num_features != sizes[0] or ds.num_outputs != sizes[-1]:
@@ -201,6 +211,7 @@ def _check(args) -> int:
     from fnbp.initializers import init_params
     from fnbp.model import MLP
 
+    args.loss = args.loss or "softmax_cross_entropy"
     model = MLP(args.sizes, args.activation, args.loss, args.output_activation)
     dtype = {"float32": jnp.float32, "float64": np.float64, "bfloat16": jnp.bfloat16}[args.dtype]
     with jax.enable_x64(args.dtype == "float64"):

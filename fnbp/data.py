@@ -66,7 +66,8 @@ def _standardize(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, n
     (a pixel inked in three training images gets a std of ~0.1 and test values of ~100), which
     costs about one point of test accuracy.
     """
-    mean, std = x_train.mean(0), x_train.std()
+    mean = x_train.mean(0)
+    std = (x_train - mean).std()
     std = std if std > 0 else 1.0
     return ((x_train - mean) / std).astype(np.float32), ((x_test - mean) / std).astype(np.float32)
 
@@ -135,6 +136,18 @@ _MNIST_FILES = {
 }
 
 
+def _read_at_most(f, limit: int, chunk: int = 1 << 20) -> bytes:
+    """Read until EOF or ``limit`` bytes, in chunks: memory grows only with the data present."""
+    parts, size = [], 0
+    while size < limit:
+        part = f.read(min(chunk, limit - size))
+        if not part:
+            break
+        parts.append(part)
+        size += len(part)
+    return b"".join(parts)
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read one IDX file (optionally gzip-compressed, by a ``.gz`` suffix).
 
@@ -171,7 +184,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
                         f"{path}: header says {dims} of {dtype.name} ({expected} bytes) but the "
                         f"file holds {available} bytes of data"
                     )
-            data = f.read(expected + 1)  # bounded read: never more than header promises + 1
+            data = _read_at_most(f, expected + 1)  # what the header promises, plus one to see excess
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         if isinstance(e, FileNotFoundError):
             raise FileNotFoundError(f"{path}: no such IDX file") from None
@@ -273,12 +286,18 @@ def teacher_student(
 # Mini-batches.
 
 
+def _check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
 def epoch_batches(key: Array, x: Array, y: Array, batch_size: int) -> tuple[Array, Array]:
     """One epoch's shuffled mini-batches, stacked: ``(steps, batch_size, …)``.
 
     The permutation is drawn from ``key``; the ``n mod batch_size`` examples that do not fill
     a batch are left out of this epoch (a different few each epoch). Works inside ``jit``.
     """
+    _check_batch_size(batch_size)
     n = x.shape[0]
     steps = n // batch_size
     if steps == 0:
@@ -296,11 +315,12 @@ def batches(
     batches :func:`epoch_batches` makes) every batch has ``batch_size`` rows; otherwise the
     last batch holds the rest.
     """
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    _check_batch_size(batch_size)
     n = x.shape[0]
     if len(y) != n:
         raise ValueError(f"x has {n} rows but y has {len(y)}")
+    if drop_remainder and batch_size > n:
+        raise ValueError(f"batch_size {batch_size} exceeds the {n} examples available")
     perm = np.asarray(jax.random.permutation(key, n))
     stop = n - n % batch_size if drop_remainder else n
     for start in range(0, stop, batch_size):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,7 @@ def load_params(path: str | os.PathLike) -> tuple[Params, MLP]:
                 {k: np.array(f[f"layer{l}/{k}"]) for k in ("W", "b")}
                 for l in range(1, model.num_layers + 1)
             ]
-    except (OSError, KeyError, ValueError, TypeError) as e:
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError, ValueError, TypeError) as e:
         raise ValueError(f"{path}: not a valid fnbp params file ({e})") from None
     try:
         check_params(params, model)

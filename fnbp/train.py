@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from fnbp.backprop import _backprop
-from fnbp.data import epoch_batches
+from fnbp.data import _check_batch_size, epoch_batches
 from fnbp.initializers import InitScheme, init_params
 from fnbp.model import MLP, Params, _loss, accuracy, check_inputs, check_l2, check_params
 
@@ -109,11 +109,6 @@ def _epoch_fn(model, optimizer, batch_size, grads, l2):
         return params, opt_state, metrics
 
     return epoch
-
-
-def _check_batch_size(batch_size):
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
 def make_train_epoch(

@@ -11,4 +11,4 @@ echo "== cross-check: hand-written backprop vs jax.grad vs finite differences ==
 echo
 echo "== training on digits (hand-written grads) =="
 .venv/bin/fnbp train --dataset digits --sizes 64,128,128,10 --activation relu --init he_normal \
-  --optimizer sgd --lr 0.02 --momentum 0.9 --epochs 30 --seed 0 --grads manual --out "$out"
+  --optimizer sgd --lr 0.02 --momentum 0.9 --l2 1e-3 --epochs 30 --seed 0 --grads manual --out "$out"

@@ -1,0 +1,349 @@
+"""Tests of fnbp/cli.py: ``fnbp train`` and ``fnbp check``, run in-process through main()."""
+
+import contextlib
+import importlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from fnbp.cli import main
+from fnbp.io import load_params
+
+SMALL = ["--dataset", "digits", "--sizes", "64,32,10", "--epochs", "3", "--no-progress"]
+
+
+def _train_quietly(out, *extra):
+    """Run ``fnbp train`` in-process; returns (return code, stdout)."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        rc = main(["train", *SMALL, "--out", str(out), *extra])
+    return rc, buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Four small digits runs: seed 0 manual (twice), seed 0 autodiff, seed 1 manual."""
+    root = tmp_path_factory.mktemp("runs")
+    results = {}
+    for name, extra in [
+        ("manual", ["--seed", "0", "--grads", "manual"]),
+        ("manual_again", ["--seed", "0", "--grads", "manual"]),
+        ("autodiff", ["--seed", "0", "--grads", "autodiff"]),
+        ("seed1", ["--seed", "1", "--grads", "manual"]),
+    ]:
+        rc, out = _train_quietly(root / name, *extra)
+        results[name] = (rc, out, root / name)
+    return results
+
+
+def _arrays(run_dir):
+    with np.load(run_dir / "params.npz", allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+# ----------------------------------------------------------------------------------------------
+# train
+
+
+def test_train_writes_config_metrics_and_params(runs):
+    rc, out, run = runs["manual"]
+    assert rc == 0
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "metrics.jsonl", "params.npz"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["sizes"] == [64, 32, 10]
+    assert config["seed"] == 0 and config["epochs"] == 3 and config["grads"] == "manual"
+    assert config["jax_version"] == jax.__version__
+    assert config["out"] == str(run)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    records = [json.loads(line) for line in lines]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert np.isfinite(r["train_loss"]) and 0 <= r["test_accuracy"] <= 1
+        assert len(r["grad_norms"]) == 2
+    assert records[-1]["train_loss"] < records[0]["train_loss"]  # it learns
+    assert records[-1]["test_accuracy"] > 0.85  # 3 epochs of digits already get ~0.95
+    params, model = load_params(run / "params.npz")
+    assert model.sizes == (64, 32, 10) and model.activation == "relu"
+    assert params[0]["W"].shape == (32, 64)
+    assert f"final test accuracy: {records[-1]['test_accuracy']:.4f}" in out
+    assert f"run folder: {run}" in out
+
+
+def test_train_same_seed_gives_bitwise_identical_params(runs):
+    a, b = _arrays(runs["manual"][2]), _arrays(runs["manual_again"][2])
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_train_different_seed_gives_different_params(runs):
+    a, c = _arrays(runs["manual"][2]), _arrays(runs["seed1"][2])
+    assert not np.array_equal(a["layer1/W"], c["layer1/W"])
+
+
+def test_train_autodiff_and_manual_grads_give_the_same_params(runs):
+    assert runs["autodiff"][0] == 0
+    manual, _ = load_params(runs["manual"][2] / "params.npz")
+    auto, _ = load_params(runs["autodiff"][2] / "params.npz")
+    # The two gradients agree to float32 rounding (~1e-7 relative per step); 132 SGD steps
+    # with momentum leave parameters of order 0.1-1 within ~1e-7 of each other (observed).
+    # rtol 1e-4 / atol 1e-6 leave a wide margin, yet a gradient off by 0.1% would not fit.
+    chex.assert_trees_all_close(manual, auto, rtol=1e-4, atol=1e-6)
+    # ... and --grads was honoured: two code paths round differently somewhere in 132 steps.
+    assert json.loads((runs["autodiff"][2] / "config.json").read_text())["grads"] == "autodiff"
+    assert any(
+        not np.array_equal(m[k], a[k])
+        for m, a in zip(manual, auto, strict=True)
+        for k in ("W", "b")
+    )
+
+
+def test_train_goal_run_reaches_97_percent_on_digits(tmp_path, capsys):
+    out = tmp_path / "goal"
+    rc = main(
+        "train --dataset digits --sizes 64,128,128,10 --activation relu --init he_normal "
+        "--optimizer sgd --lr 0.02 --momentum 0.9 --l2 1e-3 --epochs 30 --seed 0 --grads manual "
+        f"--no-progress --out {out}".split()
+    )
+    assert rc == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 30
+    assert records[-1]["test_accuracy"] >= 0.97
+    assert "final test accuracy" in capsys.readouterr().out
+
+
+def test_train_teacher_student_with_mse_reports_final_test_loss(tmp_path, capsys):
+    out = tmp_path / "ts"
+    rc = main(
+        [
+            "train",
+            "--dataset",
+            "teacher_student",
+            "--loss",
+            "mse",
+            "--epochs",
+            "2",
+            "--lr",
+            "0.01",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    assert "final test loss" in stdout and "accuracy" not in stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "test_accuracy" not in records[-1]
+    assert 0 < records[-1]["test_loss"] < records[0]["train_loss"]
+
+
+def test_train_overwrite_reuses_a_non_empty_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("stale\n")
+    rc = main(["train", *SMALL, "--epochs", "1", "--overwrite", "--out", str(out)])
+    assert rc == 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["epoch"] == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# train: bad input is reported in one line, exit code 2, nothing written
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """An empty current folder (so a default runs/ folder would show up too)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--sizes", "64"], "at least two entries"),
+        (["--sizes", "64,0,10"], "positive int"),
+        (["--sizes", "64,32,3"], "does not fit dataset digits: it has 64 features and 10 outputs"),
+        (["--sizes", "40,32,10", "--dataset", "digits"], "must start with 64"),
+        (["--dataset", "mnist"], "--data-dir"),
+        (["--dataset", "mnist", "--data-dir", "no/such/folder"], "no/such/folder"),
+        (["--batch-size", "2000"], "--batch-size 2000 exceeds the 1437 training examples"),
+    ],
+    ids=[
+        "one-size",
+        "zero-width",
+        "wrong-outputs",
+        "wrong-inputs",
+        "mnist-no-dir",
+        "mnist-missing-dir",
+        "batch-too-big",
+    ],
+)
+def test_train_bad_value_exits_2_with_one_line_and_writes_nothing(workdir, capsys, args, match):
+    out = workdir / "run"
+    rc = main(["train", "--epochs", "1", "--no-progress", "--out", str(out), *args])
+    captured = capsys.readouterr()
+    assert rc == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fnbp: error:"), captured.err
+    assert match in lines[0]
+    assert captured.out == ""
+    assert not out.exists() and list(workdir.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--lr", "0"], "--lr: must be > 0"),
+        (["--lr", "-1"], "--lr: must be > 0"),
+        (["--lr", "nan"], "--lr: must be > 0"),
+        (["--epochs", "0"], "--epochs: must be > 0"),
+        (["--epochs", "1.5"], "--epochs: expected a int"),
+        (["--batch-size", "0"], "--batch-size: must be > 0"),
+        (["--l2", "-1"], "--l2: must be >= 0"),
+        (["--momentum", "-0.5"], "--momentum: must be >= 0"),
+        (["--sizes", "64,x,10"], "--sizes must be comma-separated integers"),
+        (["--activation", "swish"], "--activation: invalid choice: 'swish'"),
+        (["--init", "xavier"], "--init: invalid choice: 'xavier'"),
+        (["--dataset", "cifar"], "--dataset: invalid choice"),
+        (["--grads", "numeric"], "--grads: invalid choice"),
+    ],
+)
+def test_train_bad_argument_exits_2_via_argparse_and_writes_nothing(workdir, capsys, args, match):
+    out = workdir / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--no-progress", "--out", str(out), *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("fnbp train: error:")
+    assert match in err
+    assert not out.exists() and list(workdir.iterdir()) == []
+
+
+def test_train_existing_non_empty_out_is_refused_and_left_untouched(workdir, capsys):
+    out = workdir / "run"
+    out.mkdir()
+    keep = out / "notes.txt"
+    keep.write_text("precious\n")
+    rc = main(["train", *SMALL, "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fnbp: error:") and "--overwrite" in lines[0]
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert keep.read_text() == "precious\n"
+
+
+def test_train_out_that_is_a_file_is_refused(workdir, capsys):
+    out = workdir / "run"
+    out.write_text("a file\n")
+    assert main(["train", *SMALL, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("fnbp: error:")
+    assert out.read_text() == "a file\n"
+
+
+def test_train_infinite_l2_exits_2_and_writes_nothing(workdir, capsys):
+    out = workdir / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["train", *SMALL, "--l2", "inf", "--out", str(out)])
+    assert e.value.code == 2
+    assert "--l2" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_train_overwrite_onto_a_file_exits_2(workdir, capsys):
+    out = workdir / "run"
+    out.write_text("a file\n")
+    assert main(["train", *SMALL, "--overwrite", "--out", str(out)]) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# check
+
+CHECK = ["check", "--sizes", "8,6,4", "--batch-size", "5"]
+
+
+@pytest.mark.parametrize(
+    "extra, header",
+    [
+        ([], "MLP 8-6-4, relu, softmax_cross_entropy, batch 5, float32"),
+        (["--dtype", "float64"], "MLP 8-6-4, relu, softmax_cross_entropy, batch 5, float64"),
+        (["--activation", "tanh", "--loss", "mse"], "MLP 8-6-4, tanh, mse, batch 5, float32"),
+        (
+            ["--loss", "sigmoid_binary_cross_entropy", "--l2", "0.1"],
+            "MLP 8-6-4, relu, sigmoid_binary_cross_entropy, batch 5, float32",
+        ),
+    ],
+    ids=["default", "float64", "tanh-mse", "sigmoid-bce-l2"],
+)
+def test_check_passes_and_prints_the_table(capsys, extra, header):
+    rc = main([*CHECK, *extra])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert header in out
+    for leaf in ("layer 1 W", "layer 1 b", "layer 2 W", "layer 2 b"):
+        assert leaf in out
+    assert "finite diff" in out
+    assert out.strip().splitlines()[-1] == "PASSED" and "FAIL" not in out
+
+
+def test_check_fails_with_exit_1_when_backprop_is_wrong(capsys, monkeypatch):
+    # fnbp.crosscheck is the function (re-exported by fnbp/__init__), not the module.
+    module = importlib.import_module("fnbp.crosscheck")
+    real = module._backprop_jit
+
+    def off_by_one_percent(*args, **kwargs):
+        r = real(*args, **kwargs)
+        return r._replace(grads=jax.tree.map(lambda g: g * 1.01, r.grads))
+
+    monkeypatch.setattr(module, "_backprop_jit", off_by_one_percent)
+    rc = main([*CHECK, "--no-fd"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert out.count("FAIL") == 5  # four leaves, then FAILED
+    assert out.strip().splitlines()[-1] == "FAILED"
+
+
+def test_check_bad_sizes_exit_2(capsys):
+    assert main(["check", "--sizes", "8"]) == 2
+    assert capsys.readouterr().err.startswith("fnbp: error: MLP: sizes needs at least two")
+
+
+# ----------------------------------------------------------------------------------------------
+# the console script
+
+
+def _fnbp_script():
+    script = Path(sys.executable).parent / "fnbp"
+    return str(script) if script.exists() else shutil.which("fnbp")
+
+
+def test_console_script_help_exits_0():
+    script = _fnbp_script()
+    assert script is not None, "the fnbp console script is not installed"
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "train" in result.stdout and "check" in result.stdout
+
+
+def test_console_script_bad_value_exits_2(tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [_fnbp_script(), "train", "--sizes", "64", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "fnbp: error: MLP: sizes needs at least two entries" in result.stderr
+    assert not out.exists()
