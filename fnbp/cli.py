@@ -68,12 +68,15 @@ def _parser() -> argparse.ArgumentParser:
     from fnbp.losses import LOSSES
 
     parser = argparse.ArgumentParser(
-        prog="fnbp", description="Functional MLPs in JAX with a hand-written, cross-checked backprop."
+        prog="fnbp",
+        description="Functional MLPs in JAX with a hand-written, cross-checked backprop.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_args(p, sizes_default):
-        p.add_argument("--sizes", type=_sizes, default=sizes_default, help="layer widths, e.g. 64,128,128,10")
+        p.add_argument(
+            "--sizes", type=_sizes, default=sizes_default, help="layer widths, e.g. 64,128,128,10"
+        )
         p.add_argument("--activation", default="relu", choices=sorted(ACTIVATIONS))
         p.add_argument(
             "--loss", choices=sorted(LOSSES),
@@ -90,7 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     model_args(t, None)
     t.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
     t.add_argument("--lr", type=_positive(float), default=0.02, help="learning rate")
-    t.add_argument("--momentum", type=_nonnegative_float, default=0.9, help="SGD momentum (0: plain SGD)")
+    t.add_argument(
+        "--momentum", type=_nonnegative_float, default=0.9, help="SGD momentum (0: plain SGD)"
+    )
     t.add_argument("--batch-size", type=_positive(int), default=32)
     t.add_argument("--epochs", type=_positive(int), default=30)
     t.add_argument("--grads", default="manual", choices=("manual", "autodiff"))
@@ -149,13 +154,17 @@ def _train(args) -> int:
     regression = args.dataset == "teacher_student"
     args.loss = args.loss or ("mse" if regression else "softmax_cross_entropy")
     if regression and args.loss != "mse":
-        raise UsageError(f"--dataset teacher_student is a regression task: use --loss mse, not {args.loss}")
+        raise UsageError(
+            f"--dataset teacher_student is a regression task: use --loss mse, not {args.loss}"
+        )
     model = MLP(sizes, args.activation, args.loss, args.output_activation)
     out = Path(args.out or f"runs/{args.dataset}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UsageError(f"--out {out} already exists and is not empty; pass --overwrite to replace it")
+        raise UsageError(
+            f"--out {out} already exists and is not empty; pass --overwrite to replace it"
+        )
     ds = _load_dataset(args)
     if ds.num_features != sizes[0] or ds.num_outputs != sizes[-1]:
         raise UsageError(
@@ -164,7 +173,9 @@ def _train(args) -> int:
             f"{ds.num_features} and end with {ds.num_outputs}"
         )
     if args.batch_size > len(ds.x_train):
-        raise UsageError(f"--batch-size {args.batch_size} exceeds the {len(ds.x_train)} training examples")
+        raise UsageError(
+            f"--batch-size {args.batch_size} exceeds the {len(ds.x_train)} training examples"
+        )
     if args.optimizer == "sgd":
         optimizer = optax.sgd(args.lr, momentum=args.momentum or None)
     else:
@@ -195,7 +206,9 @@ def _train(args) -> int:
     final = history[-1]
     seconds = time.perf_counter() - start
     if "test_accuracy" in final:
-        print(f"final test accuracy: {final['test_accuracy']:.4f}  ({args.epochs} epochs, {seconds:.1f} s)")
+        print(
+            f"final test accuracy: {final['test_accuracy']:.4f}  ({args.epochs} epochs, {seconds:.1f} s)"
+        )
     else:
         print(f"final test loss: {final['test_loss']:.6f}  ({args.epochs} epochs, {seconds:.1f} s)")
     print(f"run folder: {out}")

@@ -87,13 +87,14 @@ def _finite_differences(params, model, x, y, l2, step, chunk):
 
         def tail(z_l, l=l):
             """Mean data loss from z⁽ˡ⁾ on, and the linear piece of every pre-activation."""
-            pieces = []
+            pieces, z_m = [], z_l
             for m in range(l, L + 1):
-                z_m = z_l if m == l else dense(params[m - 1], a_m)
                 act = model.layer_activation(m)
                 if act.region is not None:
                     pieces.append(act.region(z_m))
                 a_m = act.f(z_m)
+                if m < L:
+                    z_m = dense(params[m], a_m)
             return jnp.mean(loss_fn.value(z_m, a_m, t)), pieces
 
         base = tail(z[l])[1]
@@ -112,7 +113,7 @@ def _finite_differences(params, model, x, y, l2, step, chunk):
         a_prev = a[l - 1]
         # W⁽ˡ⁾ᵢⱼ ± ε moves z⁽ˡ⁾ᵢ by ±ε·a⁽ˡ⁻¹⁾ⱼ; b⁽ˡ⁾ᵢ ± ε moves it by ±ε.
         w_fd, w_kink = jax.lax.map(
-            lambda k: central(k // n_in, step * a_prev[:, k % n_in]),
+            lambda k, n_in=n_in, a_prev=a_prev: central(k // n_in, step * a_prev[:, k % n_in]),
             jnp.arange(n_out * n_in),
             batch_size=chunk,
         )

@@ -184,7 +184,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
                         f"{path}: header says {dims} of {dtype.name} ({expected} bytes) but the "
                         f"file holds {available} bytes of data"
                     )
-            data = _read_at_most(f, expected + 1)  # what the header promises, plus one to see excess
+            data = _read_at_most(
+                f, expected + 1
+            )  # what the header promises, plus one to see excess
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         if isinstance(e, FileNotFoundError):
             raise FileNotFoundError(f"{path}: no such IDX file") from None
@@ -274,7 +276,9 @@ def teacher_student(
     k_teacher, k_x, k_noise = jax.random.split(key, 3)
     params = init_params(k_teacher, teacher, "lecun_normal")
     x = jax.random.normal(k_x, (n_train + n_test, sizes[0]))
-    y = forward(params, teacher, x) + noise * jax.random.normal(k_noise, (n_train + n_test, sizes[-1]))
+    y = forward(params, teacher, x) + noise * jax.random.normal(
+        k_noise, (n_train + n_test, sizes[-1])
+    )
     x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
     return _finite(
         "teacher_student",
@@ -287,7 +291,11 @@ def teacher_student(
 
 
 def _check_batch_size(batch_size) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, (int, np.integer))
+        or batch_size < 1
+    ):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
 

@@ -50,7 +50,9 @@ def to_flax(params: Params, model: MLP) -> tuple[FlaxMLP, dict]:
     return module, variables
 
 
-def from_flax(module: FlaxMLP, variables: dict, loss: str = "softmax_cross_entropy") -> tuple[Params, MLP]:
+def from_flax(
+    module: FlaxMLP, variables: dict, loss: str = "softmax_cross_entropy"
+) -> tuple[Params, MLP]:
     """``(params, model)`` from a :class:`FlaxMLP` and its variables (the inverse of :func:`to_flax`).
 
     Raises:
@@ -58,14 +60,21 @@ def from_flax(module: FlaxMLP, variables: dict, loss: str = "softmax_cross_entro
         ValueError: if the variables do not match the module's sizes.
     """
     if not isinstance(module, FlaxMLP):
-        raise TypeError(f"module must be an fnbp FlaxMLP (from fnbp.to_flax), got {type(module).__name__}")
+        raise TypeError(
+            f"module must be an fnbp FlaxMLP (from fnbp.to_flax), got {type(module).__name__}"
+        )
     model = MLP(module.sizes, module.activation, loss, module.output_activation)
     tree = variables.get("params", variables) if isinstance(variables, dict) else None
     if not isinstance(tree, dict):
-        raise ValueError("variables must be a dict like {'params': {'layer1': {'kernel', 'bias'}, …}}")
+        raise ValueError(
+            "variables must be a dict like {'params': {'layer1': {'kernel', 'bias'}, …}}"
+        )
     try:
         params = [
-            {"W": jnp.asarray(tree[f"layer{l}"]["kernel"]).T, "b": jnp.asarray(tree[f"layer{l}"]["bias"])}
+            {
+                "W": jnp.asarray(tree[f"layer{l}"]["kernel"]).T,
+                "b": jnp.asarray(tree[f"layer{l}"]["bias"]),
+            }
             for l in range(1, model.num_layers + 1)
         ]
     except (KeyError, TypeError) as e:

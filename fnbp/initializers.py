@@ -178,9 +178,8 @@ def init_params(
         raise TypeError(f"dtype must be a floating dtype, got {dtype!r}")
     _check_key(key)
     params = []
-    for k, (fan_in, fan_out) in zip(
-        jax.random.split(key, model.num_layers), zip(model.sizes[:-1], model.sizes[1:], strict=True)
-    ):
+    layer_keys = jax.random.split(key, model.num_layers)
+    for k, fan_in, fan_out in zip(layer_keys, model.sizes[:-1], model.sizes[1:], strict=True):
         k_w, k_b = jax.random.split(k)
         b = jnp.zeros((fan_out,), dtype)
         if s.bias_std > 0:

@@ -67,7 +67,9 @@ def load_params(path: str | os.PathLike) -> tuple[Params, MLP]:
     try:
         with np.load(path, allow_pickle=False) as f:
             spec = json.loads(bytes(f["__model__"]).decode())
-            model = MLP(tuple(spec["sizes"]), spec["activation"], spec["loss"], spec["output_activation"])
+            model = MLP(
+                tuple(spec["sizes"]), spec["activation"], spec["loss"], spec["output_activation"]
+            )
             params = [
                 {k: np.array(f[f"layer{l}/{k}"]) for k in ("W", "b")}
                 for l in range(1, model.num_layers + 1)

@@ -6,7 +6,7 @@ For one example with output pre-activation ``z = z⁽ᴸ⁾``, output ``a = a⁽
 ============================  ===========================================  =====================
 name                          per-example loss ℓ                           δ⁽ᴸ⁾ = ∂ℓ/∂z
 ============================  ===========================================  =====================
-``softmax_cross_entropy``     ``logsumexp(z) − Σₖ tₖ zₖ``                  ``p·Σₖtₖ − t`` (= p − t)
+``softmax_cross_entropy``     ``Σₖtₖ·logsumexp(z) − Σₖ tₖ zₖ``             ``p·Σₖtₖ − t`` (= p − t)
 ``mse``                       ``½ Σₖ (aₖ − tₖ)²``                          ``(a − t) ⊙ g′(z)``
 ``sigmoid_binary_cross_entropy``  ``Σₖ softplus(zₖ) − tₖ zₖ``              ``σ(z) − t``
 ============================  ===========================================  =====================
@@ -55,7 +55,9 @@ class Loss(NamedTuple):
 
 
 def _softmax_ce_value(z, a, t):
-    return jax.nn.logsumexp(z, axis=-1) - jnp.sum(t * z, axis=-1)
+    return jnp.sum(t, axis=-1) * jax.nn.logsumexp(z, axis=-1) - jnp.sum(
+        t * z, axis=-1
+    )  # −Σ t log p
 
 
 def _softmax_ce_delta(z, a, t, g_prime):

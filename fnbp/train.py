@@ -159,7 +159,9 @@ def make_population_epoch(
     """
     _check_config(model, optimizer, grads, l2)
     _check_batch_size(batch_size)
-    epoch = jax.vmap(_epoch_fn(model, optimizer, batch_size, grads, l2), in_axes=(0, 0, 0, None, None))
+    epoch = jax.vmap(
+        _epoch_fn(model, optimizer, batch_size, grads, l2), in_axes=(0, 0, 0, None, None)
+    )
 
     @jax.jit
     def population_epoch(params, opt_states, keys, x, y):

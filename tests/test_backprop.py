@@ -73,7 +73,11 @@ def _numpy_textbook_backprop(params, activation, x, y_onehot):
 
     Sigmoid/tanh/relu hidden layers, softmax + cross-entropy output, mean over examples.
     """
-    f = {"sigmoid": lambda z: 1 / (1 + np.exp(-z)), "tanh": np.tanh, "relu": lambda z: np.maximum(z, 0)}
+    f = {
+        "sigmoid": lambda z: 1 / (1 + np.exp(-z)),
+        "tanh": np.tanh,
+        "relu": lambda z: np.maximum(z, 0),
+    }
     df = {
         "sigmoid": lambda z: f["sigmoid"](z) * (1 - f["sigmoid"](z)),
         "tanh": lambda z: 1 - np.tanh(z) ** 2,
@@ -219,7 +223,9 @@ def test_per_example_grads_match_vmap_of_jax_grad_and_average_to_the_batch_grad(
     chex.assert_trees_all_close(per_example, reference, rtol=1e-5, atol=1e-6)
     assert per_example[0]["W"].shape == (5, 8, 6)
     mean = jax.tree.map(lambda g: g.mean(0), per_example)
-    chex.assert_trees_all_close(mean, fnbp.backprop(params, model, x, y, l2=0.1).grads, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(
+        mean, fnbp.backprop(params, model, x, y, l2=0.1).grads, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_backprop_jits_and_vmaps_with_the_model_as_an_ordinary_argument():
@@ -228,14 +234,25 @@ def test_backprop_jits_and_vmaps_with_the_model_as_an_ordinary_argument():
     params = jax.vmap(lambda k: fnbp.init_params(k, model))(keys)
     x, y = _data(jax.random.key(1), model, 6)
     losses = jax.jit(jax.vmap(lambda p: fnbp.backprop(p, model, x, y).loss))(params)
-    expected = [fnbp.loss(jax.tree.map(lambda v: v[i], params), model, x, y) for i in range(3)]
+    expected = [fnbp.loss(jax.tree.map(lambda v, i=i: v[i], params), model, x, y) for i in range(3)]
     chex.assert_trees_all_close(losses, jnp.stack(expected), rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
 # Proof that the backward pass is hand-written.
 
-_AUTODIFF_NAMES = {"grad", "value_and_grad", "vjp", "jvp", "linearize", "custom_vjp", "custom_jvp", "jacrev", "jacfwd", "hessian"}
+_AUTODIFF_NAMES = {
+    "grad",
+    "value_and_grad",
+    "vjp",
+    "jvp",
+    "linearize",
+    "custom_vjp",
+    "custom_jvp",
+    "jacrev",
+    "jacfwd",
+    "hessian",
+}
 
 
 @pytest.mark.parametrize("module", ["backprop", "model", "losses", "activations"])
@@ -244,7 +261,12 @@ def test_backprop_path_source_names_no_autodiff_function(module):
     tree = ast.parse(path.read_text())
     used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
     used |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
-    used |= {a.name.split(".")[-1] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    used |= {
+        a.name.split(".")[-1]
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ImportFrom)
+        for a in n.names
+    }
     assert not used & _AUTODIFF_NAMES, f"{path.name} uses {used & _AUTODIFF_NAMES}"
 
 

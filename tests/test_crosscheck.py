@@ -36,7 +36,12 @@ def networks(draw):
     loss = draw(st.sampled_from(sorted(LOSSES)))
     output = "identity" if LOSSES[loss].from_logits else draw(st.sampled_from(sorted(ACTIVATIONS)))
     model = fnbp.MLP(sizes, draw(st.sampled_from(sorted(ACTIVATIONS))), loss, output)
-    return model, draw(st.integers(1, 17)), draw(st.sampled_from([0.0, 0.05])), draw(st.integers(0, 999))
+    return (
+        model,
+        draw(st.integers(1, 17)),
+        draw(st.sampled_from([0.0, 0.05])),
+        draw(st.integers(0, 999)),
+    )
 
 
 @settings(max_examples=10)
@@ -48,7 +53,9 @@ def test_crosscheck_passes_on_random_networks_against_finite_differences(net):
     x, y = _data(k_d, model, batch)
     report = fnbp.crosscheck(params, model, x, y, l2=l2)
     assert report.passed, str(report)
-    assert all(np.isfinite(leaf.fd_error) or leaf.kinks == np.prod(leaf.shape) for leaf in report.leaves)
+    assert all(
+        np.isfinite(leaf.fd_error) or leaf.kinks == np.prod(leaf.shape) for leaf in report.leaves
+    )
 
 
 def test_crosscheck_passes_on_the_784_16_16_10_relu_network_and_prints_a_table():
@@ -85,7 +92,10 @@ def test_structured_finite_differences_equal_naive_full_forward_differences(x64)
     flat, unravel = jax.flatten_util.ravel_pytree(params)
     loss = lambda v: float(fnbp.loss(unravel(v), model, x, y, l2=0.2))  # noqa: E731
     naive = np.array(
-        [(loss(flat.at[i].add(eps)) - loss(flat.at[i].add(-eps))) / (2 * eps) for i in range(flat.size)]
+        [
+            (loss(flat.at[i].add(eps)) - loss(flat.at[i].add(-eps))) / (2 * eps)
+            for i in range(flat.size)
+        ]
     )
     # Both are difference quotients of the same function at the same step; they differ only by
     # rounding of the loss (~1e-16·|L|/ε ≈ 1e-10).
@@ -144,7 +154,9 @@ def test_crosscheck_runs_in_float64_when_x64_is_enabled(x64):
 
 def test_crosscheck_in_bfloat16_uses_the_bfloat16_tolerance():
     model = fnbp.MLP((8, 16, 4))
-    params = jax.tree.map(lambda v: v.astype(jnp.bfloat16), fnbp.init_params(jax.random.key(0), model))
+    params = jax.tree.map(
+        lambda v: v.astype(jnp.bfloat16), fnbp.init_params(jax.random.key(0), model)
+    )
     x, y = _data(jax.random.key(1), model, 8)
     report = fnbp.crosscheck(params, model, x.astype(jnp.bfloat16), y, finite_differences=False)
     assert report.dtype == "bfloat16" and report.rtol_autodiff == 5e-2

@@ -19,7 +19,9 @@ def _toy(n=40, key=0):
     return model, x, y
 
 
-@pytest.mark.parametrize("dtype, rtol, atol", [(jnp.float32, 1e-4, 1e-6), (jnp.float64, 1e-10, 1e-12)])
+@pytest.mark.parametrize(
+    "dtype, rtol, atol", [(jnp.float32, 1e-4, 1e-6), (jnp.float64, 1e-10, 1e-12)]
+)
 def test_manual_and_autodiff_steps_take_the_same_path_for_20_steps(dtype, rtol, atol):
     with jax.enable_x64(dtype == jnp.float64):
         model, x, y = _toy()
@@ -109,7 +111,9 @@ def test_population_epoch_trains_every_member_as_if_alone():
         chex.assert_trees_all_equal(params, jax.tree.map(lambda v, i=member: v[i], population))
         p, _, m = single(params, optimizer.init(params), epoch_keys[member], x, y)
         # vmap batches the matmuls differently: float32 rounding only.
-        chex.assert_trees_all_close(p, jax.tree.map(lambda v, i=member: v[i], pop_params), rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(
+            p, jax.tree.map(lambda v, i=member: v[i], pop_params), rtol=1e-5, atol=1e-6
+        )
         chex.assert_trees_all_close(m["loss"], pop_metrics["loss"][member], rtol=1e-5)
 
 
@@ -162,11 +166,15 @@ def test_fit_refuses_non_positive_epochs():
     model, x, y = _toy()
     params = fnbp.init_params(jax.random.key(1), model)
     with pytest.raises(ValueError, match="epochs"):
-        train.fit(model, optax.sgd(0.1), params, x, y, key=jax.random.key(0), epochs=0, batch_size=8)
+        train.fit(
+            model, optax.sgd(0.1), params, x, y, key=jax.random.key(0), epochs=0, batch_size=8
+        )
 
 
 def test_fit_regression_on_teacher_student_approaches_the_noise_floor():
-    ds = data.teacher_student(jax.random.key(0), sizes=(8, 32, 1), n_train=512, n_test=512, noise=0.1)
+    ds = data.teacher_student(
+        jax.random.key(0), sizes=(8, 32, 1), n_train=512, n_test=512, noise=0.1
+    )
     model = fnbp.MLP((8, 64, 1), "tanh", "mse")
     params = fnbp.init_params(jax.random.key(1), model, "lecun_normal")
     _, _, history = train.fit(
