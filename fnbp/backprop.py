@@ -38,12 +38,14 @@ class Backprop(NamedTuple):
         loss: the scalar mean loss, penalty included.
         grads: ``∂L/∂params``, same structure, shapes and dtypes as ``params``.
         deltas: ``deltas[l] = δ = ∂L/∂z`` of the layer ``params[l]``, shape ``(batch, n)``.
+        preactivations: ``preactivations[l] = z`` of the layer ``params[l]``.
         activations: ``activations[l] = a = f(z)``, the output of layer ``params[l]``.
     """
 
     loss: Array
     grads: Params
     deltas: list[Array]
+    preactivations: list[Array]
     activations: list[Array]
 
 
@@ -83,7 +85,7 @@ def _backprop(params: Params, model: MLP, x: Array, y: Array, l2) -> Backprop:
         if l > 1:
             f_prime = model.layer_activation(l - 1).df(z[l - 1], a[l - 1])
             delta[l - 1] = f_prime * back  # δ⁽ˡ⁻¹⁾ = f′(z⁽ˡ⁻¹⁾) ⊙ (W⁽ˡ⁾ᵀ δ⁽ˡ⁾)
-    return Backprop(loss, grads[1:], delta[1:], a[1:])
+    return Backprop(loss, grads[1:], delta[1:], z[1:], a[1:])
 
 
 _backprop_jit = jax.jit(_backprop)
@@ -100,7 +102,8 @@ def backprop(params: Params, model: MLP, x: Array, y: Array, *, l2=0.0) -> Backp
         l2: L2 strength λ ≥ 0; the loss gains (λ/2)Σ‖W‖² and ∂L/∂W gains λW.
 
     Returns:
-        A :class:`Backprop` with ``.loss``, ``.grads``, ``.deltas`` and ``.activations``.
+        A :class:`Backprop` with ``.loss``, ``.grads``, ``.deltas``, ``.preactivations`` and
+        ``.activations``.
 
     Raises:
         ValueError, TypeError: for arguments that do not fit the model (see

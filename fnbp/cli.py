@@ -7,13 +7,10 @@ written; ``fnbp check`` exits 1 when the cross-check fails.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import platform
 import sys
 import time
-from pathlib import Path
 
 DATASETS = ("digits", "mnist1d", "mnist", "teacher_student")
 OPTIMIZERS = ("sgd", "adam")
@@ -128,19 +125,6 @@ def _load_dataset(args):
     return data.teacher_student(jax.random.key(args.seed), sizes=(sizes[0], 32, sizes[-1]))
 
 
-def _environment() -> dict:
-    import jax
-
-    import fnbp
-
-    return {
-        "fnbp_version": fnbp.__version__,
-        "jax_version": jax.__version__,
-        "device": str(jax.devices()[0].device_kind),
-        "python": platform.python_version(),
-    }
-
-
 def _train(args) -> int:
     import jax
     import optax
@@ -148,6 +132,7 @@ def _train(args) -> int:
     from fnbp.initializers import init_params
     from fnbp.io import save_params
     from fnbp.model import MLP
+    from fnbp.report import check_out, environment
     from fnbp.train import fit
 
     sizes = args.sizes or _sizes(DEFAULT_SIZES[args.dataset])
@@ -158,13 +143,7 @@ def _train(args) -> int:
             f"--dataset teacher_student is a regression task: use --loss mse, not {args.loss}"
         )
     model = MLP(sizes, args.activation, args.loss, args.output_activation)
-    out = Path(args.out or f"runs/{args.dataset}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UsageError(
-            f"--out {out} already exists and is not empty; pass --overwrite to replace it"
-        )
+    out = check_out(args.dataset, args.out, args.overwrite, root="runs")
     ds = _load_dataset(args)
     if ds.num_features != sizes[0] or ds.num_outputs != sizes[-1]:
         raise UsageError(
@@ -183,7 +162,7 @@ def _train(args) -> int:
 
     out.mkdir(parents=True, exist_ok=True)  # arguments are good: only now is anything written
     config = {k: v for k, v in vars(args).items() if k not in ("command",)}
-    config.update(sizes=list(sizes), out=str(out), **_environment())
+    config.update(sizes=list(sizes), out=str(out), **environment())
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     metrics_path = out / "metrics.jsonl"
     metrics_path.write_text("")
@@ -249,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _train(args) if args.command == "train" else _check(args)
-    except (UsageError, ValueError, TypeError, FileNotFoundError) as e:
+    except (UsageError, ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
         print(f"fnbp: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
