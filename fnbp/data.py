@@ -72,22 +72,30 @@ def _standardize(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, n
     return ((x_train - mean) / std).astype(np.float32), ((x_test - mean) / std).astype(np.float32)
 
 
-def load_digits(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
+def load_digits(seed: int = 0, test_fraction: float = 0.2, scale: str = "standardize") -> Dataset:
     """scikit-learn's 8×8 digits: 1797 samples, 64 features, 10 classes; bundled, no download.
 
-    Centred per feature and scaled by the overall std of the training set; the train/test split
-    is stratified by class and fixed by ``seed`` (the default gives 1437 train and 360 test samples).
+    The train/test split is stratified by class and fixed by ``seed`` (the default gives 1437
+    train and 360 test samples). ``scale="standardize"`` centres each feature and divides by
+    the overall std of the training set; ``scale="unit"`` keeps raw intensities, mapped from
+    0..16 to [0, 1] (the textbook setting for sigmoid networks with N(0, 1) weights, which
+    saturate on standardized inputs).
     """
     from sklearn.datasets import load_digits as sk_load_digits
     from sklearn.model_selection import train_test_split
 
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction!r}")
+    if scale not in ("standardize", "unit"):
+        raise ValueError(f"scale must be 'standardize' or 'unit', got {scale!r}")
     x, y = sk_load_digits(return_X_y=True)
     x_tr, x_te, y_tr, y_te = train_test_split(
         x, y, test_size=test_fraction, stratify=y, random_state=seed
     )
-    x_tr, x_te = _standardize(x_tr, x_te)
+    if scale == "standardize":
+        x_tr, x_te = _standardize(x_tr, x_te)
+    else:
+        x_tr, x_te = (x_tr / 16.0).astype(np.float32), (x_te / 16.0).astype(np.float32)
     return _finite(
         "digits", Dataset("digits", x_tr, y_tr.astype(np.int32), x_te, y_te.astype(np.int32), 10)
     )

@@ -17,14 +17,18 @@ from fnbp.model import MLP, Params, check_inputs, check_params
 Array = jax.Array
 
 
+def _sum_sq(v: Array) -> Array:
+    """Σ v², accumulated in at least float32."""
+    return jnp.sum(jnp.square(v.astype(jnp.promote_types(v.dtype, jnp.float32))))
+
+
 def _layer_stats(params: Params, model: MLP, x: Array, y: Array) -> dict[str, Array]:
     r = _backprop(params, model, x, y, 0.0)
-    sq = lambda v: jnp.sum(jnp.square(v.astype(jnp.float32 if v.dtype == jnp.bfloat16 else v.dtype)))  # noqa: E731
     return {
         "loss": r.loss,
-        "delta_sq": jnp.stack([sq(d) for d in r.deltas]),
+        "delta_sq": jnp.stack([_sum_sq(d) for d in r.deltas]),
         "delta_norm": jnp.stack([jnp.mean(jnp.linalg.norm(d, axis=1)) for d in r.deltas]),
-        "weight_grad_norm": jnp.stack([jnp.sqrt(sq(g["W"])) for g in r.grads]),
+        "weight_grad_norm": jnp.stack([jnp.sqrt(_sum_sq(g["W"])) for g in r.grads]),
         "preactivation_q": jnp.stack([jnp.mean(jnp.square(z)) for z in r.preactivations]),
         "activation_std": jnp.stack([jnp.std(a) for a in r.activations]),
     }

@@ -29,6 +29,7 @@ biases, unlike these, are not zero). Ask for your own with :func:`normal_scheme`
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -69,7 +70,7 @@ def variance_scaling_scheme(
         distribution: ``"normal"``, ``"truncated_normal"`` or ``"uniform"``.
         bias_std: σ_b; biases ~ N(0, σ_b²).
     """
-    if not (isinstance(sigma_w2, (int, float)) and math.isfinite(sigma_w2) and sigma_w2 > 0):
+    if not (_is_number(sigma_w2) and math.isfinite(sigma_w2) and sigma_w2 > 0):
         raise ValueError(f"sigma_w2 must be a finite number > 0, got {sigma_w2!r}")
     if distribution not in ("normal", "truncated_normal", "uniform"):
         raise ValueError(
@@ -79,26 +80,35 @@ def variance_scaling_scheme(
     return InitScheme(
         name or f"variance_scaling(sigma_w2={sigma_w2:g}, {distribution})",
         jinit.variance_scaling(float(sigma_w2), "fan_in", distribution, **_AXES),
-        lambda fan_in, fan_out: sigma_w2 / fan_in,
-        bias_std,
+        lambda fan_in, fan_out: float(sigma_w2) / fan_in,
+        float(bias_std),
     )
 
 
 def normal_scheme(std: float, *, bias_std: float = 0.0, name: str | None = None) -> InitScheme:
     """W_ij ~ N(0, std²), whatever the layer's width (σ_w² = std²·fan_in)."""
-    if not (isinstance(std, (int, float)) and math.isfinite(std) and std > 0):
+    if not (_is_number(std) and math.isfinite(std) and std > 0):
         raise ValueError(f"std must be a finite number > 0, got {std!r}")
     _check_bias_std(bias_std)
     return InitScheme(
         name or f"normal(std={std:g})",
         jinit.normal(float(std)),
-        lambda fan_in, fan_out: std**2,
-        bias_std,
+        lambda fan_in, fan_out: float(std) ** 2,
+        float(bias_std),
+    )
+
+
+def _is_number(v) -> bool:
+    """A real scalar (Python, NumPy or a 0-d array), not a bool."""
+    if isinstance(v, bool) or (hasattr(v, "shape") and v.shape != ()):
+        return False
+    return isinstance(v, numbers.Real) or (
+        hasattr(v, "dtype") and jnp.issubdtype(v.dtype, jnp.number)
     )
 
 
 def _check_bias_std(bias_std):
-    if not (isinstance(bias_std, (int, float)) and math.isfinite(bias_std) and bias_std >= 0):
+    if not (_is_number(bias_std) and math.isfinite(bias_std) and bias_std >= 0):
         raise ValueError(f"bias_std must be a finite number >= 0, got {bias_std!r}")
 
 
@@ -176,6 +186,11 @@ def init_params(
     s = get_scheme(scheme)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dtype must be a floating dtype, got {dtype!r}")
+    if jnp.dtype(dtype).itemsize == 8 and not jax.config.jax_enable_x64:
+        raise ValueError(
+            "dtype float64 needs 64-bit JAX: run inside `with jax.enable_x64(True):` or set "
+            "jax.config.update('jax_enable_x64', True)"
+        )
     _check_key(key)
     params = []
     layer_keys = jax.random.split(key, model.num_layers)
@@ -184,7 +199,10 @@ def init_params(
         b = jnp.zeros((fan_out,), dtype)
         if s.bias_std > 0:
             b = s.bias_std * jax.random.normal(k_b, (fan_out,), dtype)
-        params.append({"W": s.weight_init(k_w, (fan_out, fan_in), dtype), "b": b})
+        # Low-precision draws go through float32 (XLA has no bfloat16 QR for "orthogonal").
+        draw_dtype = jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
+        W = s.weight_init(k_w, (fan_out, fan_in), draw_dtype).astype(dtype)
+        params.append({"W": W, "b": b})
     return params
 
 

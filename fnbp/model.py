@@ -58,6 +58,8 @@ class MLP:
 
     def __post_init__(self):
         sizes = self.sizes
+        if isinstance(sizes, np.ndarray) and sizes.ndim == 1:
+            sizes = sizes.tolist()
         if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
             raise TypeError(
                 f"MLP: sizes must be a sequence of ints like (64, 128, 10), got {sizes!r}"
@@ -180,20 +182,32 @@ def loss(params: Params, model: MLP, x: Array, y: Array, *, l2=0.0) -> Array:
 
 
 def accuracy(params: Params, model: MLP, x: Array, y: Array) -> Array:
-    """Fraction of rows whose arg-max output equals the label.
+    """Fraction of rows classified correctly.
 
-    ``y`` may be class indices ``(batch,)`` or one-hot/probability rows ``(batch, classes)``.
+    With several outputs the prediction is the arg-max output and ``y`` holds class indices
+    ``(batch,)`` or one-hot/probability rows. A one-output ``sigmoid_binary_cross_entropy``
+    network predicts ``z > 0`` (p > ½) against 0/1 targets.
+
+    Raises:
+        ValueError: for a one-output network of any other loss (a regressor has no accuracy).
     """
     check_params(params, model)
     check_inputs(model, x, y)
+    if model.sizes[-1] == 1 and model.loss != "sigmoid_binary_cross_entropy":
+        raise ValueError(
+            f"accuracy needs a classifier: a one-output network with loss={model.loss!r} is a "
+            "regressor; use fnbp.loss instead"
+        )
     return _accuracy_jit(params, model, x, y)
 
 
 @jax.jit
 def _accuracy_jit(params, model, x, y):
+    out = forward_trace(params, model, x)[1][-1]
+    if model.sizes[-1] == 1:  # binary: p = σ(z) > ½  ⇔  z > 0
+        return jnp.mean((out[:, 0] > 0) == (y.reshape(-1) > 0.5))
     labels = y if y.ndim == 1 else jnp.argmax(y, axis=-1)
-    pred = jnp.argmax(forward_trace(params, model, x)[1][-1], axis=-1)
-    return jnp.mean(pred == labels)
+    return jnp.mean(jnp.argmax(out, axis=-1) == labels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,6 +303,11 @@ def check_inputs(model: MLP, x, y=None) -> None:
 def check_l2(l2) -> None:
     """Raise unless ``l2`` is a finite number ≥ 0 (checked when concrete)."""
     if _concrete(l2):
-        value = float(l2)
+        if isinstance(l2, bool) or np.ndim(l2) != 0:
+            raise TypeError(f"l2 must be a number >= 0, got {l2!r}")
+        try:
+            value = float(l2)
+        except (TypeError, ValueError):
+            raise TypeError(f"l2 must be a number >= 0, got {l2!r}") from None
         if not np.isfinite(value) or value < 0:
             raise ValueError(f"l2 must be a finite number >= 0, got {l2!r}")

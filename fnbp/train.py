@@ -196,6 +196,15 @@ def init_population(
     return jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *pops)
 
 
+def _is_classification(model: MLP, y) -> bool:
+    """Softmax classifiers, one-output binary classifiers, and class indices under mse."""
+    if model.loss == "softmax_cross_entropy":
+        return True
+    if model.loss == "sigmoid_binary_cross_entropy":
+        return model.sizes[-1] == 1
+    return model.sizes[-1] > 1 and jnp.issubdtype(jnp.asarray(y).dtype, jnp.integer)
+
+
 def fit(
     model: MLP,
     optimizer: optax.GradientTransformation,
@@ -250,7 +259,7 @@ def fit(
         }
         if x_test is not None:
             record["test_loss"] = float(loss_fn(params, model, x_test, y_test, l2=l2))
-            if model.loss == "softmax_cross_entropy" or jnp.ndim(y_test) == 1:
+            if _is_classification(model, y_test):
                 record["test_accuracy"] = float(accuracy(params, model, x_test, y_test))
         history.append(record)
         bar.set_postfix(
