@@ -322,6 +322,18 @@ def main(argv=None) -> str:
     figures = plots(results, run_dir, args)
     report.save_json(run_dir / "results.json", {**results, "seconds": seconds})
     write_report(results, run_dir, args, figures, seconds)
+    print(
+        f"gradient stability ({args.depth} layers of {args.width}, {args.seeds} seeds, {seconds:.0f} s):"
+    )
+    for a in ACTIVATIONS:
+        rs = [r for r in results["rows"] if r["activation"] == a]
+        worst = max(rs, key=lambda r: r["relative_error"])
+        print(
+            f"  {a:<8} measured χ within {100 * GOAL[a]:.0f}% of theory for "
+            f"{sum(r['within_goal'] for r in rs)}/{len(rs)} inits (worst {100 * worst['relative_error']:.2f}%, "
+            f"{worst['scheme']}); He χ = {next(r['chi_measured'] for r in rs if r['scheme'] == 'he_normal'):.3f}, "
+            f"naive χ = {next(r['chi_measured'] for r in rs if r['scheme'] == 'naive'):.2e}"
+        )
     print(f"report: {run_dir / 'report.md'}")
     return str(run_dir)
 

@@ -155,8 +155,10 @@ def plots(results, run_dir, args) -> list[str]:
     for ax, depth in zip(axes[0], depths, strict=True):
         r = results[depth]
         for k, name in enumerate(r["schemes"]):
-            loss = r["train_loss"][k]  # (S, E)
-            m, lo, hi = np.nanmean(loss, 0), np.nanmin(loss, 0), np.nanmax(loss, 0)
+            loss = r["train_loss"][k]  # (S, E), NaN once a seed went non-finite
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # epochs where every seed is NaN
+                m, lo, hi = np.nanmean(loss, 0), np.nanmin(loss, 0), np.nanmax(loss, 0)
             ax.plot(epochs, m, color=colors[name], label=LABELS[name])
             ax.fill_between(epochs, lo, hi, color=colors[name], alpha=0.15)
         ax.set(title=f"{depth} hidden layers", xlabel="epoch", ylabel="train loss", yscale="log")
@@ -358,6 +360,16 @@ def main(argv=None) -> str:
         {"summary": rows, "runs": {str(d): r for d, r in results.items()}, "seconds": seconds},
     )
     write_report(results, rows, run_dir, args, figures, seconds)
+    print(
+        f"init study ({args.optimizer}, width {args.width}, {args.seeds} seeds, {args.epochs} epochs, {seconds:.0f} s):"
+    )
+    print(f"  {'depth':>5}  {'scheme':<20} {'final test acc':>15}  {'trained':>7}")
+    for r in rows:
+        print(
+            f"  {r['depth']:>5}  {LABELS[r['scheme']]:<20} {r['final_accuracy_mean']:>8.3f} ± {r['final_accuracy_std']:.3f}"
+            f"  {r['trained_seeds']:>3}/{r['seeds']}"
+        )
+    print(f"  He et al. (2015): {verdict(rows, max(results))}")
     print(f"report: {run_dir / 'report.md'}")
     return str(run_dir)
 

@@ -1,0 +1,140 @@
+"""The experiment scripts in --quick mode: they run, write their run folder, and the numbers they
+produce are right (measured gradient factors against mean-field theory, who trains and who
+does not), not merely present."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+import fnbp
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(name, tmp_path, *extra):
+    out = tmp_path / name
+    assert _load(name).main(["--quick", "--out", str(out), *extra]) == str(out)
+    results = json.loads((out / "results.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    report = (out / "report.md").read_text()
+    for image in [p.name for p in out.glob("*.png")]:
+        assert f"]({image})" in report, f"report.md does not embed {image}"
+    assert config["experiment"] == name and config["quick"] is True
+    assert config["jax_version"] and config["fnbp_version"] == fnbp.__version__
+    return out, results, config, report
+
+
+@pytest.fixture(scope="module")
+def gradient_stability(tmp_path_factory):
+    return _run("gradient_stability", tmp_path_factory.mktemp("gs"))
+
+
+def test_gradient_stability_measures_relu_chi_within_5_percent_of_theory(gradient_stability):
+    _, results, _, _ = gradient_stability
+    relu = [r for r in results["rows"] if r["activation"] == "relu"]
+    assert len(relu) == 11
+    for r in relu:
+        # Theory for ReLU: χ = σ_w²/2 exactly, whatever q (so the prediction is closed-form).
+        assert r["chi_predicted"] == pytest.approx(r["sigma_w2"] / 2, rel=1e-9) or r[
+            "scheme"
+        ].startswith("glorot")
+        assert r["chi_measured"] == pytest.approx(r["chi_predicted"], rel=0.05), r
+    he = next(r for r in relu if r["scheme"] == "he_normal")
+    naive = next(r for r in relu if r["scheme"] == "naive")
+    assert he["chi_measured"] == pytest.approx(1.0, rel=0.05)
+    assert naive["chi_measured"] == pytest.approx(1e-4 * 128 / 2, rel=0.05)  # width 128 in --quick
+
+
+def test_gradient_stability_tanh_and_sigmoid_within_10_percent(gradient_stability):
+    _, results, _, _ = gradient_stability
+    for r in results["rows"]:
+        if r["activation"] in ("tanh", "sigmoid"):
+            assert r["chi_measured"] == pytest.approx(r["chi_predicted"], rel=0.10), r
+            assert r["within_goal"]
+    sigmoid = [r for r in results["rows"] if r["activation"] == "sigmoid"]
+    assert max(r["chi_measured"] for r in sigmoid) < 0.25  # σ′ ≤ 1/4: sigmoid always vanishes
+
+
+def test_gradient_stability_replays_glorot_bengio(gradient_stability):
+    _, results, _, report = gradient_stability
+    gb = results["glorot_bengio"]
+    # standard U(±1/√n): χ ≈ 1/3 per layer, δ shrinks by orders of magnitude toward the input
+    assert gb["standard_uniform"]["delta_first_to_last_hidden"] < 1e-3
+    assert (
+        gb["glorot_uniform"]["delta_first_to_last_hidden"]
+        > 100 * gb["standard_uniform"]["delta_first_to_last_hidden"]
+    )
+    assert "Glorot & Bengio" in report
+
+
+def test_gradient_stability_curves_follow_theory_layer_by_layer(gradient_stability):
+    _, results, _, _ = gradient_stability
+    he = results["curves"]["relu/he_normal"]
+    q_meas, q_pred = he["q_measured"], he["q_predicted"]
+    for l in range(1, len(q_pred)):  # He keeps q⁽ˡ⁾ level, and measured q tracks the prediction
+        assert q_meas[l] == pytest.approx(q_pred[l], rel=0.25)
+
+
+@pytest.fixture(scope="module")
+def init_study(tmp_path_factory):
+    return _run("init_study", tmp_path_factory.mktemp("is"))
+
+
+def test_init_study_naive_small_weights_do_not_train_at_depth(init_study):
+    _, results, _, _ = init_study
+    rows = {(r["depth"], r["scheme"]): r for r in results["summary"]}
+    naive = rows[(8, "naive")]
+    he = rows[(8, "he_normal")]
+    assert naive["trained_seeds"] == 0 and naive["final_accuracy_mean"] < 0.2  # chance is 0.1
+    # the first layer's gradient is vanishingly small compared with He's
+    assert naive["first_layer_grad_at_init"] < 1e-6 * he["first_layer_grad_at_init"]
+    assert rows[(2, "he_normal")]["trained_seeds"] >= 1
+
+
+def test_init_study_records_exploding_runs_instead_of_crashing(init_study):
+    _, results, _, _ = init_study
+    rows = {(r["depth"], r["scheme"]): r for r in results["summary"]}
+    assert rows[(8, "naive_unit")]["nonfinite_seeds"] >= 1  # N(0, 1): σ_w² = width
+
+
+def test_init_study_shapes_and_report(init_study):
+    out, results, config, report = init_study
+    run8 = results["runs"]["8"]
+    K, S, E = len(config["schemes"]), config["seeds"], config["epochs"]
+    assert len(run8["test_accuracy"]) == K and len(run8["test_accuracy"][0]) == S
+    assert len(run8["test_accuracy"][0][0]) == E
+    assert len(run8["weight_grad_norm"][0][0][0]) == 9  # 8 hidden + output layer
+    assert {"loss_curves.png", "accuracy_vs_depth.png", "grad_profiles.png"} <= {
+        p.name for p in out.glob("*.png")
+    }
+    assert "He et al. (2015)" in report
+
+
+def test_classic_sigmoid_learns_and_is_reproducible(tmp_path):
+    _, first, _, report = _run("classic_sigmoid", tmp_path / "a")
+    _, second, _, _ = _run("classic_sigmoid", tmp_path / "b")
+    acc = [r["test_accuracy"] for r in first["history"]]
+    assert len(acc) == 5 and acc[-1] > 0.85  # the textbook net on digits, 5 epochs
+    assert [r["test_accuracy"] for r in second["history"]] == acc  # same seed, same numbers
+    assert [r["train_loss"] for r in second["history"]] == [
+        r["train_loss"] for r in first["history"]
+    ]
+    assert "Final test accuracy" in report
+
+
+def test_experiment_refuses_an_existing_run_folder(tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        _load("classic_sigmoid").main(["--quick", "--out", str(out)])
+    assert (out / "keep.txt").read_text() == "precious"
