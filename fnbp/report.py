@@ -27,7 +27,14 @@ def check_out(
     Raises:
         FileExistsError: if ``out`` is a file, or a non-empty folder and not ``overwrite``.
     """
-    path = Path(out) if out else Path(root) / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    if out:
+        path = Path(out)
+    else:  # a fresh default folder, even for two runs started within the same second
+        stem = Path(root) / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        path, n = stem, 1
+        while path.exists():
+            n += 1
+            path = stem.with_name(f"{stem.name}-{n}")
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"--out {path} is a file, not a folder")
     if path.exists() and any(path.iterdir()) and not overwrite:

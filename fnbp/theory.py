@@ -33,6 +33,7 @@ from fnbp.activations import get_activation
 
 _NODES, _WEIGHTS = np.polynomial.hermite_e.hermegauss(200)  # ∫ e^(−x²/2) f(x) dx ≈ Σ wᵢ f(xᵢ)
 _WEIGHTS = _WEIGHTS / math.sqrt(2 * math.pi)  # now Σ wᵢ f(xᵢ) ≈ E[f(x)], x ~ N(0, 1)
+_Q_TINY = 1e-200  # below this a variance counts as 0 (its square root is still a normal float)
 
 
 def gaussian_expectation(fn: Callable, q: float) -> float:
@@ -86,6 +87,8 @@ def fixed_point(
         new = length_map(activation, sigma_w2, q, sigma_b2)
         if not math.isfinite(new) or new > 1e12:
             return math.inf
+        if new < _Q_TINY:  # collapsed onto q* = 0 (e.g. ReLU below σ_w² = 2, tanh below 1)
+            return 0.0
         if abs(new - q) <= 1e-13 * max(q, 1e-300):
             return new
         q = new
@@ -103,7 +106,8 @@ def chi1(activation: str, sigma_w2: float, sigma_b2: float = 0.0, q0: float = 1.
     q_star = fixed_point(activation, sigma_w2, sigma_b2, q0)
     if math.isinf(q_star):
         q_star = 1e12  # ReLU-like growth: χ is scale-free there, any large q gives it
-    return chi(activation, sigma_w2, q_star)
+    # At q* = 0 take the limit q → 0⁺: at q = 0 exactly every node sits on ReLU's kink.
+    return chi(activation, sigma_w2, max(q_star, _Q_TINY))
 
 
 def depth_scale(chi_1: float) -> float:
