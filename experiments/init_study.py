@@ -262,6 +262,15 @@ def write_report(results, rows, run_dir, args, figures, seconds):
         ],
     )  # fmt: skip
     deepest = max(results)
+    by = {(r["depth"], r["scheme"]): r for r in rows}
+    scale_text = " ".join(
+        f"At {d} layers the first layer's gradient at init is {by[(d, n)]['first_layer_grad_at_init'] / by[(d, 'he_normal')]['first_layer_grad_at_init']:.1e} × He's for {LABELS[n]}."
+        for d in sorted(results)
+        for n in ("lecun_normal", "naive")
+        if (d, n) in by
+        and (d, "he_normal") in by
+        and by[(d, "he_normal")]["first_layer_grad_at_init"] > 0
+    )
     adam_note = (
         "Adam rescales every parameter's step by its own gradient history, so a vanishing ‖∂L/∂W⁽ˡ⁾‖ no "
         "longer means a vanishing step: compare this run with the SGD one to see which failures are about "
@@ -285,11 +294,16 @@ vmapped, scan-fused XLA program per epoch.
 
 ![loss curves]({figures[0]})
 
-Train loss per epoch, mean over seeds, band from min to max. Naive N(0, 0.01²) starts with
-χ₁ = 10⁻⁴·{args.width}/2 per layer: its gradients at the first layer are many orders of magnitude below those at the
-last (table), so the early layers do not move and the loss stays at ln 10 ≈ 2.30 (chance); at depth 5 the
-shrinkage is mild enough for SGD to recover. Naive N(0, 1) has σ_w² = {args.width}: activations grow ~{args.width // 2}× per
-layer and overflow at depth. He keeps ‖δ⁽ˡ⁾‖ level across depth.
+Train loss per epoch, mean over seeds, band from min to max.
+
+How to read it. In a ReLU net every layer scales the forward signal ‖a‖² and the backward signal ‖δ‖² by
+the same factor σ_w²/2, so ‖∂L/∂W⁽ˡ⁾‖ ∝ ‖δ⁽ˡ⁾‖·‖a⁽ˡ⁻¹⁾‖ is about the same for every layer (the flat lines of
+the gradient profiles below) while its overall size goes as (σ_w²/2)^(L/2). {scale_text}
+He (σ_w² = 2, factor 1) keeps the scale at every depth; LeCun and Glorot (σ_w² = 1 for the square hidden
+layers, factor ½) lose 2^(−L/2) in gradient size, about 3·10⁻⁵ at 30 layers; naive N(0, 0.01²)
+(σ_w² = 10⁻⁴·{args.width}) shrinks ‖a‖² and ‖δ‖² by {1e-4 * args.width / 2:.2g} per layer, so even 5 layers leave SGD almost nothing,
+and deeper nets underflow float32 to exactly 0. Naive N(0, 1) (σ_w² = {args.width}) multiplies the signal by
+{args.width // 2} per layer instead (in ‖a‖²), and overflows.
 
 ![accuracy vs depth]({figures[1]})
 
