@@ -10,7 +10,6 @@ accuracy after every epoch.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
@@ -23,15 +22,11 @@ from fnbp import data, report, train
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = report.experiment_parser("classic_sigmoid", __doc__)
     p.add_argument("--hidden", type=int, default=30)
     p.add_argument("--lr", type=float, default=3.0, help="η")
     p.add_argument("--batch-size", type=int, default=10)
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="a reduced run for tests")
-    p.add_argument("--out", help="run folder (default results/classic_sigmoid-<timestamp>)")
-    p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
         args.epochs = 5
@@ -42,11 +37,7 @@ def parse_args(argv):
 
 def main(argv=None) -> str:
     args = parse_args(argv)
-    run_dir = report.run_dir("classic_sigmoid", args.out, args.overwrite)
-    report.save_json(
-        run_dir / "config.json",
-        {"experiment": "classic_sigmoid", **vars(args), **report.environment()},
-    )
+    run_dir = report.start_run("classic_sigmoid", args)
     ds = data.load_digits(seed=args.seed, scale="unit")  # pixel intensities in [0, 1], as the book
     model = fnbp.MLP((ds.num_features, args.hidden, ds.num_classes), "sigmoid", "mse", "sigmoid")
     k_init, k_data = jax.random.split(jax.random.key(args.seed))

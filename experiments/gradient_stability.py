@@ -18,7 +18,6 @@ range within 25 layers.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
@@ -287,16 +286,12 @@ Run time: {seconds:.1f} s.
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = report.experiment_parser("gradient_stability", __doc__)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--depth", type=int, default=30, help="hidden layers")
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--skip", type=int, default=5, help="leading layers left out of the ratio")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="a reduced run for tests")
-    p.add_argument("--out", help="run folder (default results/gradient_stability-<timestamp>)")
-    p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
         args.width, args.depth, args.seeds, args.batch, args.skip = 128, 12, 3, 32, 3
@@ -310,11 +305,7 @@ def parse_args(argv):
 
 def main(argv=None) -> str:
     args = parse_args(argv)
-    run_dir = report.run_dir("gradient_stability", args.out, args.overwrite)
-    report.save_json(
-        run_dir / "config.json",
-        {"experiment": "gradient_stability", **vars(args), **report.environment()},
-    )
+    run_dir = report.start_run("gradient_stability", args)
     start = time.perf_counter()
     results = run(args)
     results["glorot_bengio"] = glorot_bengio(results, args.depth)

@@ -14,7 +14,6 @@ Non-finite values are recorded, not fatal: an exploding run is a result.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import warnings
@@ -319,7 +318,7 @@ Run time: {seconds:.1f} s.
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = report.experiment_parser("init_study", __doc__)
     p.add_argument(
         "--depths", default="5,10,20,30", help="comma-separated numbers of hidden layers"
     )
@@ -333,10 +332,6 @@ def parse_args(argv):
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     p.add_argument("--lr", type=float, help="default 0.01 for sgd, 1e-3 for adam")
     p.add_argument("--probe", type=int, default=256, help="probe batch for per-layer statistics")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="a reduced run for tests")
-    p.add_argument("--out", help="run folder (default results/init_study-<timestamp>)")
-    p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     try:
         args.depths = [int(d) for d in args.depths.split(",")]
@@ -360,10 +355,7 @@ def parse_args(argv):
 
 def main(argv=None) -> str:
     args = parse_args(argv)
-    run_dir = report.run_dir("init_study", args.out, args.overwrite)
-    report.save_json(
-        run_dir / "config.json", {"experiment": "init_study", **vars(args), **report.environment()}
-    )
+    run_dir = report.start_run("init_study", args)
     start = time.perf_counter()
     results = run(args)
     seconds = time.perf_counter() - start

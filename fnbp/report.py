@@ -7,6 +7,7 @@ A run folder holds ``config.json`` (all settings and :func:`environment`), ``res
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
@@ -48,6 +49,25 @@ def run_dir(name: str, out: str | os.PathLike | None = None, overwrite: bool = F
     """:func:`check_out`, then create the folder."""
     path = check_out(name, out, overwrite)
     path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def experiment_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """An argument parser with the options every experiment shares:
+    ``--seed``, ``--quick``, ``--out`` and ``--overwrite``."""
+    p = argparse.ArgumentParser(prog=f"{name}.py", description=doc.split("\n\n")[0])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a reduced run for tests")
+    p.add_argument("--out", help=f"run folder (default results/{name}-<timestamp>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    return p
+
+
+def start_run(name: str, args: argparse.Namespace) -> Path:
+    """Create the run folder of experiment ``name`` and write its ``config.json``
+    (every argument, plus :func:`environment`)."""
+    path = run_dir(name, args.out, args.overwrite)
+    save_json(path / "config.json", {"experiment": name, **vars(args), **environment()})
     return path
 
 

@@ -10,12 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import models, random_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fnbp
-from fnbp.activations import ACTIVATIONS
-from fnbp.losses import LOSSES
 
 # fnbp.backprop is the function (re-exported); the module is reached through importlib.
 backprop_module = importlib.import_module("fnbp.backprop")
@@ -25,26 +24,9 @@ backprop_module = importlib.import_module("fnbp.backprop")
 RTOL64, ATOL64 = 1e-9, 1e-12
 
 
-def _data(key, model, batch, dtype=jnp.float32):
-    k_x, k_y = jax.random.split(key)
-    x = jax.random.normal(k_x, (batch, model.sizes[0]), dtype)
-    n_out = model.sizes[-1]
-    if model.loss == "softmax_cross_entropy":
-        y = jax.random.randint(k_y, (batch,), 0, n_out)
-    elif model.loss == "sigmoid_binary_cross_entropy":
-        y = jax.random.uniform(k_y, (batch, n_out), dtype)
-    else:
-        y = jax.random.normal(k_y, (batch, n_out), dtype)
-    return x, y
-
-
 @st.composite
 def networks(draw):
-    depth = draw(st.integers(1, 6))
-    sizes = tuple(draw(st.lists(st.integers(1, 64), min_size=depth + 1, max_size=depth + 1)))
-    loss = draw(st.sampled_from(sorted(LOSSES)))
-    output = "identity" if LOSSES[loss].from_logits else draw(st.sampled_from(sorted(ACTIVATIONS)))
-    model = fnbp.MLP(sizes, draw(st.sampled_from(sorted(ACTIVATIONS))), loss, output)
+    model = draw(models(max_width=64))
     batch = draw(st.integers(1, 33))
     l2 = draw(st.sampled_from([0.0, 0.05]))
     bias_std = draw(st.sampled_from([0.0, 0.1]))
@@ -60,7 +42,7 @@ def test_manual_grads_match_jax_grad_on_random_networks(net):
     scheme = fnbp.variance_scaling_scheme(2.0, bias_std=bias_std)
     with jax.enable_x64(True):
         params = fnbp.init_params(k_p, model, scheme, dtype=jnp.float64)
-        x, y = _data(k_d, model, batch, jnp.float64)
+        x, y = random_data(k_d, model, batch, jnp.float64)
         result = fnbp.backprop(params, model, x, y, l2=l2)
         loss, grads = fnbp.autodiff_grads(params, model, x, y, l2=l2)
         chex.assert_trees_all_close(result.loss, loss, rtol=RTOL64, atol=ATOL64)
@@ -112,7 +94,7 @@ def _numpy_textbook_backprop(params, activation, x, y_onehot):
 def test_manual_grads_match_a_numpy_textbook_implementation(activation, x64):
     model = fnbp.MLP((7, 9, 8, 4), activation)
     params = fnbp.init_params(jax.random.key(3), model, dtype=jnp.float64)
-    x, y = _data(jax.random.key(4), model, 11, jnp.float64)
+    x, y = random_data(jax.random.key(4), model, 11, jnp.float64)
     expected = _numpy_textbook_backprop(params, activation, x, np.eye(4)[np.asarray(y)])
     chex.assert_trees_all_close(
         fnbp.backprop(params, model, x, y).grads, expected, rtol=RTOL64, atol=ATOL64
@@ -133,7 +115,7 @@ def _loss_with_z_offsets(params, model, x, y, offsets):
 def test_deltas_are_dloss_dz_of_every_layer(activation, x64):
     model = fnbp.MLP((6, 8, 7, 5), activation)
     params = fnbp.init_params(jax.random.key(0), model, dtype=jnp.float64)
-    x, y = _data(jax.random.key(1), model, 9, jnp.float64)
+    x, y = random_data(jax.random.key(1), model, 9, jnp.float64)
     offsets = [jnp.zeros((9, n), jnp.float64) for n in model.sizes[1:]]
     expected = jax.grad(lambda o: _loss_with_z_offsets(params, model, x, y, o))(offsets)
     result = fnbp.backprop(params, model, x, y)
@@ -144,7 +126,7 @@ def test_deltas_are_dloss_dz_of_every_layer(activation, x64):
 def test_output_delta_is_p_minus_y_over_batch(x64):
     model = fnbp.MLP((3, 4))
     params = fnbp.init_params(jax.random.key(0), model, dtype=jnp.float64)
-    x, y = _data(jax.random.key(1), model, 6, jnp.float64)
+    x, y = random_data(jax.random.key(1), model, 6, jnp.float64)
     p = jax.nn.softmax(x @ params[0]["W"].T + params[0]["b"][None, :])
     expected = (p - jax.nn.one_hot(y, 4)) / 6
     chex.assert_trees_all_close(fnbp.backprop(params, model, x, y).deltas[-1], expected, rtol=1e-12)
@@ -153,7 +135,7 @@ def test_output_delta_is_p_minus_y_over_batch(x64):
 def test_l2_adds_lambda_w_to_weight_grads_and_half_lambda_norm_to_loss():
     model = fnbp.MLP((5, 6, 3), "tanh")
     params = fnbp.init_params(jax.random.key(0), model)
-    x, y = _data(jax.random.key(1), model, 4)
+    x, y = random_data(jax.random.key(1), model, 4)
     lam = 0.3
     plain, decayed = fnbp.backprop(params, model, x, y), fnbp.backprop(params, model, x, y, l2=lam)
     for p, g0, g1 in zip(params, plain.grads, decayed.grads, strict=True):
@@ -167,7 +149,7 @@ def test_l2_adds_lambda_w_to_weight_grads_and_half_lambda_norm_to_loss():
 def test_grads_have_the_structure_shapes_and_dtypes_of_params():
     model = fnbp.MLP((4, 5, 3))
     params = fnbp.init_params(jax.random.key(0), model)
-    x, y = _data(jax.random.key(1), model, 2)
+    x, y = random_data(jax.random.key(1), model, 2)
     result = fnbp.backprop(params, model, x, y)
     chex.assert_trees_all_equal_shapes_and_dtypes(result.grads, params)
     assert [a.shape for a in result.activations] == [(2, 5), (2, 3)]
@@ -178,7 +160,7 @@ def test_bfloat16_params_and_inputs_run_and_stay_close_to_float32():
     params16 = jax.tree.map(
         lambda v: v.astype(jnp.bfloat16), fnbp.init_params(jax.random.key(0), model)
     )
-    x, y = _data(jax.random.key(1), model, 8)
+    x, y = random_data(jax.random.key(1), model, 8)
     x16 = x.astype(jnp.bfloat16)
     result16 = fnbp.backprop(params16, model, x16, y)
     chex.assert_trees_all_equal_dtypes(result16.grads, params16)
@@ -193,7 +175,7 @@ def test_bfloat16_params_and_inputs_run_and_stay_close_to_float32():
 def test_one_hot_and_integer_labels_give_the_same_grads():
     model = fnbp.MLP((5, 6, 4))
     params = fnbp.init_params(jax.random.key(0), model)
-    x, y = _data(jax.random.key(1), model, 7)
+    x, y = random_data(jax.random.key(1), model, 7)
     a = fnbp.backprop(params, model, x, y)
     b = fnbp.backprop(params, model, x, jax.nn.one_hot(y, 4))
     chex.assert_trees_all_close(a.grads, b.grads, rtol=1e-6, atol=1e-8)
@@ -214,7 +196,7 @@ def test_extreme_logits_give_finite_grads_equal_to_jax_grad():
 def test_per_example_grads_match_vmap_of_jax_grad_and_average_to_the_batch_grad():
     model = fnbp.MLP((6, 8, 3), "tanh")
     params = fnbp.init_params(jax.random.key(0), model)
-    x, y = _data(jax.random.key(1), model, 5)
+    x, y = random_data(jax.random.key(1), model, 5)
     per_example = fnbp.per_example_grads(params, model, x, y, l2=0.1)
     reference = jax.vmap(
         lambda xi, yi: jax.grad(fnbp.loss)(params, model, xi[None], yi[None], l2=0.1)
@@ -232,7 +214,7 @@ def test_backprop_jits_and_vmaps_with_the_model_as_an_ordinary_argument():
     model = fnbp.MLP((4, 5, 3))
     keys = jax.random.split(jax.random.key(0), 3)
     params = jax.vmap(lambda k: fnbp.init_params(k, model))(keys)
-    x, y = _data(jax.random.key(1), model, 6)
+    x, y = random_data(jax.random.key(1), model, 6)
     losses = jax.jit(jax.vmap(lambda p: fnbp.backprop(p, model, x, y).loss))(params)
     expected = [fnbp.loss(jax.tree.map(lambda v, i=i: v[i], params), model, x, y) for i in range(3)]
     chex.assert_trees_all_close(losses, jnp.stack(expected), rtol=1e-6)
@@ -278,7 +260,7 @@ def test_backprop_runs_with_jax_autodiff_disabled(monkeypatch):
 
     model = fnbp.MLP((5, 7, 6, 3), "gelu")
     params = fnbp.init_params(jax.random.key(0), model)
-    x, y = _data(jax.random.key(1), model, 4)
+    x, y = random_data(jax.random.key(1), model, 4)
     expected = fnbp.autodiff_grads(params, model, x, y)[1]
 
     def forbidden(*args, **kwargs):

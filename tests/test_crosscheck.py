@@ -8,34 +8,18 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import models, random_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fnbp
-from fnbp.activations import ACTIVATIONS
-from fnbp.losses import LOSSES
 
 crosscheck_module = importlib.import_module("fnbp.crosscheck")
 
 
-def _data(key, model, batch, dtype=jnp.float32):
-    k_x, k_y = jax.random.split(key)
-    x = jax.random.normal(k_x, (batch, model.sizes[0]), dtype)
-    n_out = model.sizes[-1]
-    if model.loss == "softmax_cross_entropy":
-        return x, jax.random.randint(k_y, (batch,), 0, n_out)
-    if model.loss == "sigmoid_binary_cross_entropy":
-        return x, jax.random.bernoulli(k_y, 0.5, (batch, n_out)).astype(dtype)
-    return x, jax.random.normal(k_y, (batch, n_out), dtype)
-
-
 @st.composite
 def networks(draw):
-    depth = draw(st.integers(1, 6))
-    sizes = tuple(draw(st.lists(st.integers(1, 16), min_size=depth + 1, max_size=depth + 1)))
-    loss = draw(st.sampled_from(sorted(LOSSES)))
-    output = "identity" if LOSSES[loss].from_logits else draw(st.sampled_from(sorted(ACTIVATIONS)))
-    model = fnbp.MLP(sizes, draw(st.sampled_from(sorted(ACTIVATIONS))), loss, output)
+    model = draw(models(max_width=16))
     return (
         model,
         draw(st.integers(1, 17)),
@@ -50,7 +34,7 @@ def test_crosscheck_passes_on_random_networks_against_finite_differences(net):
     model, batch, l2, seed = net
     k_p, k_d = jax.random.split(jax.random.key(seed))
     params = fnbp.init_params(k_p, model, fnbp.variance_scaling_scheme(2.0, bias_std=0.1))
-    x, y = _data(k_d, model, batch)
+    x, y = random_data(k_d, model, batch)
     report = fnbp.crosscheck(params, model, x, y, l2=l2)
     assert report.passed, str(report)
     assert all(
@@ -61,7 +45,7 @@ def test_crosscheck_passes_on_random_networks_against_finite_differences(net):
 def test_crosscheck_passes_on_the_784_16_16_10_relu_network_and_prints_a_table():
     model = fnbp.MLP((784, 16, 16, 10))
     params = fnbp.init_params(jax.random.key(1), model)
-    x, y = _data(jax.random.key(2), model, 32)
+    x, y = random_data(jax.random.key(2), model, 32)
     report = fnbp.crosscheck(params, model, x, y, l2=1e-3)
     assert report.passed, str(report)
     text = str(report)
@@ -86,7 +70,7 @@ def test_structured_finite_differences_equal_naive_full_forward_differences(x64)
     parameter and rerunning fnbp.loss from the input, parameter by parameter."""
     model = fnbp.MLP((3, 4, 2), "tanh", "mse", "sigmoid")
     params = fnbp.init_params(jax.random.key(0), model, dtype=jnp.float64)
-    x, y = _data(jax.random.key(1), model, 5, jnp.float64)
+    x, y = random_data(jax.random.key(1), model, 5, jnp.float64)
     eps = crosscheck_module.FD_STEP
     fd, kinked = _structured_fd(params, model, x, y, 0.2)
     flat, unravel = jax.flatten_util.ravel_pytree(params)
@@ -109,7 +93,7 @@ def test_a_step_across_a_relu_kink_is_reported_and_excluded_instead_of_failing(x
     model = fnbp.MLP((3, 4, 2))
     params = fnbp.init_params(jax.random.key(0), model, dtype=jnp.float64)
     params[0]["W"] = params[0]["W"].at[0].set(0.0)
-    x, y = _data(jax.random.key(1), model, 6, jnp.float64)
+    x, y = random_data(jax.random.key(1), model, 6, jnp.float64)
     report = fnbp.crosscheck(params, model, x, y)
     assert report.passed, str(report)
     assert report.leaves[1].name == "layer 1 b" and report.leaves[1].kinks == 1
@@ -125,7 +109,7 @@ def test_a_step_across_a_relu_kink_is_reported_and_excluded_instead_of_failing(x
 def test_crosscheck_catches_a_wrong_gradient(monkeypatch, scale, leaf):
     model = fnbp.MLP((6, 5, 4), "tanh")
     params = fnbp.init_params(jax.random.key(0), model)
-    x, y = _data(jax.random.key(1), model, 7)
+    x, y = random_data(jax.random.key(1), model, 7)
     real = crosscheck_module._backprop_jit
 
     def wrong(*args):
@@ -147,7 +131,7 @@ def test_crosscheck_catches_a_wrong_gradient(monkeypatch, scale, leaf):
 def test_crosscheck_runs_in_float64_when_x64_is_enabled(x64):
     model = fnbp.MLP((5, 6, 3), "softplus")
     params = fnbp.init_params(jax.random.key(0), model, dtype=jnp.float64)
-    x, y = _data(jax.random.key(1), model, 4, jnp.float64)
+    x, y = random_data(jax.random.key(1), model, 4, jnp.float64)
     report = fnbp.crosscheck(params, model, x, y)
     assert report.dtype == "float64" and report.rtol_autodiff == 1e-10 and report.passed
 
@@ -157,7 +141,7 @@ def test_crosscheck_in_bfloat16_uses_the_bfloat16_tolerance():
     params = jax.tree.map(
         lambda v: v.astype(jnp.bfloat16), fnbp.init_params(jax.random.key(0), model)
     )
-    x, y = _data(jax.random.key(1), model, 8)
+    x, y = random_data(jax.random.key(1), model, 8)
     report = fnbp.crosscheck(params, model, x.astype(jnp.bfloat16), y, finite_differences=False)
     assert report.dtype == "bfloat16" and report.rtol_autodiff == 5e-2
     assert report.passed, str(report)
@@ -167,7 +151,7 @@ def test_crosscheck_in_bfloat16_uses_the_bfloat16_tolerance():
 def test_autodiff_grads_equal_jax_value_and_grad_of_loss():
     model = fnbp.MLP((4, 3))
     params = fnbp.init_params(jax.random.key(0), model)
-    x, y = _data(jax.random.key(1), model, 5)
+    x, y = random_data(jax.random.key(1), model, 5)
     loss, grads = fnbp.autodiff_grads(params, model, x, y, l2=0.1)
     ref_loss, ref_grads = jax.value_and_grad(fnbp.loss)(params, model, x, y, l2=0.1)
     chex.assert_trees_all_close((loss, grads), (ref_loss, ref_grads), rtol=1e-6)
@@ -176,6 +160,6 @@ def test_autodiff_grads_equal_jax_value_and_grad_of_loss():
 def test_crosscheck_rejects_a_bad_step():
     model = fnbp.MLP((4, 3))
     params = fnbp.init_params(jax.random.key(0), model)
-    x, y = _data(jax.random.key(1), model, 5)
+    x, y = random_data(jax.random.key(1), model, 5)
     with pytest.raises(ValueError, match="fd_step"):
         fnbp.crosscheck(params, model, x, y, fd_step=0.0)
