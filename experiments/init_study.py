@@ -84,7 +84,9 @@ def train_depth(depth, args, ds, bar) -> dict:
         keys = jnp.tile(jax.random.split(jax.random.fold_in(seed_keys[0], epoch), S), K)
         params, opt_states, metrics = epoch_fn(params, opt_states, keys, x, y)
         losses = np.asarray(metrics["loss"]).reshape(K, S, -1)
-        history["train_loss"].append(np.nanmean(_finite_or_nan(losses), axis=2))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a seed whose every step is NaN
+            history["train_loss"].append(np.nanmean(_finite_or_nan(losses), axis=2))
         history["nonfinite_steps"].append(np.sum(~np.isfinite(losses), axis=2))
         epochs.append(record(*evaluate(params)))
         bar.update(1)
