@@ -5,9 +5,12 @@ hand-written backward pass (:func:`backprop`) and by ``jax.grad`` (:func:`autodi
 and :func:`crosscheck` shows that they agree, with finite differences as a third witness.
 """
 
+from fnbp import data, diagnostics, report, theory
 from fnbp.activations import ACTIVATIONS, Activation
 from fnbp.backprop import Backprop, backprop, per_example_grads
 from fnbp.crosscheck import CrosscheckReport, autodiff_grads, crosscheck
+from fnbp.diagnostics import layer_stats
+from fnbp.flax_interop import FlaxMLP, from_flax, to_flax
 from fnbp.initializers import (
     SCHEMES,
     InitScheme,
@@ -16,8 +19,16 @@ from fnbp.initializers import (
     sigma_w2,
     variance_scaling_scheme,
 )
+from fnbp.io import load_params, save_params
 from fnbp.losses import LOSSES, Loss
 from fnbp.model import MLP, accuracy, forward, loss
+from fnbp.train import (
+    fit,
+    init_population,
+    make_population_epoch,
+    make_train_epoch,
+    make_train_step,
+)
 
 __version__ = "0.1.0"
 
@@ -29,17 +40,32 @@ __all__ = [
     "Activation",
     "Backprop",
     "CrosscheckReport",
+    "FlaxMLP",
     "InitScheme",
     "Loss",
     "accuracy",
     "autodiff_grads",
     "backprop",
     "crosscheck",
+    "data",
+    "diagnostics",
+    "fit",
     "forward",
+    "from_flax",
     "init_params",
+    "init_population",
+    "layer_stats",
+    "load_params",
     "loss",
+    "make_population_epoch",
+    "make_train_epoch",
+    "make_train_step",
     "normal_scheme",
     "per_example_grads",
+    "report",
+    "save_params",
     "sigma_w2",
+    "theory",
+    "to_flax",
     "variance_scaling_scheme",
 ]

@@ -14,8 +14,9 @@ Each layer kind contributes a local rule: the affine map its :func:`dense_backwa
 activation its ``f′`` (:mod:`fnbp.activations`), the loss its output δ (:mod:`fnbp.losses`). A
 new kind of layer is a new local rule beside these, not a rewrite of the loop.
 
-Nothing here calls ``jax.grad``, ``vjp``, ``jvp``, ``linearize`` or ``custom_vjp``: this module
-is the independent computation that :func:`fnbp.crosscheck` compares with ``jax.grad``.
+Nothing here uses JAX's automatic differentiation (no grad, vjp, jvp, linearize or custom
+derivative rules): this module is the independent computation that :func:`fnbp.crosscheck`
+compares with JAX's autodiff (``tests/test_backprop.py`` proves it).
 """
 
 from __future__ import annotations
