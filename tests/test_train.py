@@ -185,3 +185,19 @@ def test_fit_regression_on_teacher_student_approaches_the_noise_floor():
     assert "test_accuracy" not in history[-1]
     assert history[-1]["test_loss"] < 0.03
     assert np.isfinite(history[-1]["train_loss"])
+
+
+def test_scan_epoch_and_population_epoch_are_bitwise_deterministic():
+    model, x, y = _toy(n=32)
+    optimizer = optax.sgd(0.05, momentum=0.9)
+    keys = jax.random.split(jax.random.key(0), 2)
+    runs = []
+    for _ in range(2):
+        params = fnbp.init_params(jax.random.key(1), model)
+        epoch = train.make_train_epoch(model, optimizer, batch_size=8)
+        single = epoch(params, optimizer.init(params), jax.random.key(3), x, y)
+        population = train.init_population(keys, model, ["he_normal", "lecun_normal"])
+        pop_epoch = train.make_population_epoch(model, optimizer, batch_size=8)
+        pop = pop_epoch(population, jax.vmap(optimizer.init)(population), jnp.tile(keys, 2), x, y)
+        runs.append((single[0], single[2], pop[0], pop[2]))
+    chex.assert_trees_all_equal(runs[0], runs[1])  # same inputs, same device: same bits
