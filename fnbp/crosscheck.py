@@ -46,7 +46,16 @@ import numpy as np
 
 from fnbp.backprop import _backprop_jit
 from fnbp.losses import to_targets
-from fnbp.model import MLP, Params, _loss, check_inputs, check_l2, check_params, dense
+from fnbp.model import (
+    MLP,
+    Params,
+    _loss,
+    check_inputs,
+    check_l2,
+    check_params,
+    dense,
+    forward_trace,
+)
 
 Array = jax.Array
 
@@ -77,10 +86,7 @@ def _finite_differences(params, model, x, y, l2, step, chunk):
     """
     L, loss_fn = model.num_layers, model.loss_fn
     t = to_targets(loss_fn, y, model.sizes[-1], x.dtype)
-    z, a = [None], [x]
-    for l in range(1, L + 1):
-        z.append(dense(params[l - 1], a[l - 1]))
-        a.append(model.layer_activation(l).f(z[l]))
+    z, a = forward_trace(params, model, x)
 
     fd, kinked = [], []
     for l in range(1, L + 1):
