@@ -9,8 +9,9 @@ Every loader returns a :class:`Dataset` of float32 inputs ``(n, features)`` and 
 * :func:`load_mnist`: the standard MNIST IDX files from a folder you name;
 * :func:`teacher_student`: a synthetic regression task labelled by a random teacher network.
 
-:func:`epoch_batches` shuffles with a JAX key and cuts an epoch into equal batches (it runs
-inside ``jit``); :func:`batches` iterates over the same batches in Python.
+:func:`epoch_indices` shuffles with a JAX key and cuts an epoch into equal batches of row
+indices, :func:`epoch_batches` gathers them (both run inside ``jit``); :func:`batches` iterates
+over the same batches in Python.
 """
 
 from __future__ import annotations
@@ -298,27 +299,36 @@ def teacher_student(
 # Mini-batches.
 
 
-def _check_batch_size(batch_size) -> None:
+def _check_batch_size(batch_size, name: str = "batch_size") -> None:
+    """Raise unless ``batch_size`` (or the count called ``name``) is a positive int."""
     if (
         isinstance(batch_size, bool)
         or not isinstance(batch_size, (int, np.integer))
         or batch_size < 1
     ):
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        raise ValueError(f"{name} must be a positive int, got {batch_size!r}")
+
+
+def epoch_indices(key: Array, n: int, batch_size: int) -> Array:
+    """One epoch's shuffled mini-batches as row indices: ``(n // batch_size, batch_size)`` int32.
+
+    The permutation of ``range(n)`` is drawn from ``key``; the ``n mod batch_size`` examples
+    that do not fill a batch are left out of this epoch (a different few each epoch). Works
+    inside ``jit``; the training loops gather each batch ``x[idx[s]]`` as they reach step ``s``.
+    """
+    _check_batch_size(batch_size)
+    steps = n // batch_size
+    if steps == 0:
+        raise ValueError(f"batch_size {batch_size} exceeds the {n} examples available")
+    return jax.random.permutation(key, n)[: steps * batch_size].reshape(steps, batch_size)
 
 
 def epoch_batches(key: Array, x: Array, y: Array, batch_size: int) -> tuple[Array, Array]:
     """One epoch's shuffled mini-batches, stacked: ``(steps, batch_size, …)``.
 
-    The permutation is drawn from ``key``; the ``n mod batch_size`` examples that do not fill
-    a batch are left out of this epoch (a different few each epoch). Works inside ``jit``.
+    The batches of :func:`epoch_indices` with the same key, gathered. Works inside ``jit``.
     """
-    _check_batch_size(batch_size)
-    n = x.shape[0]
-    steps = n // batch_size
-    if steps == 0:
-        raise ValueError(f"batch_size {batch_size} exceeds the {n} examples available")
-    idx = jax.random.permutation(key, n)[: steps * batch_size].reshape(steps, batch_size)
+    idx = epoch_indices(key, x.shape[0], batch_size)
     return jnp.asarray(x)[idx], jnp.asarray(y)[idx]
 
 

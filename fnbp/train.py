@@ -10,13 +10,23 @@
 
 Gradients come from the hand-written :func:`fnbp.backprop` (``grads="manual"``) or from
 ``jax.value_and_grad(fnbp.loss)`` (``grads="autodiff"``); the optimizer is any optax
-``GradientTransformation``. Metrics of every step: ``loss`` (scalar) and ``grad_norms``
-(``(L,)``: the Frobenius norm ‖∂L/∂W⁽ˡ⁾‖ of each layer's weight gradient).
+``GradientTransformation``. Metrics of every step: ``loss`` (scalar), ``grad_norms``
+(``(L,)``: the Frobenius norm ‖∂L/∂W⁽ˡ⁾‖ of each layer's weight gradient) and ``grads_finite``
+(``(L,)`` bool: every entry of ∂L/∂W⁽ˡ⁾ and ∂L/∂b⁽ˡ⁾ is finite).
+
+:func:`fit` also checkpoints and resumes (:mod:`fnbp.checkpoint`), guards against divergence
+(a non-finite loss or gradient stops the run with :class:`NonFiniteError`, or is skipped),
+stops cleanly when asked (:class:`Interrupted`), and splits each batch over several devices
+(:func:`data_mesh`).
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +34,7 @@ import numpy as np
 import optax
 
 from fnbp.backprop import _backprop
-from fnbp.data import _check_batch_size, epoch_batches
+from fnbp.data import _check_batch_size, epoch_indices
 from fnbp.initializers import InitScheme, init_params
 from fnbp.model import MLP, Params, _loss, accuracy, check_inputs, check_l2, check_params
 
@@ -60,7 +70,8 @@ def _step_fn(model, optimizer, grads, l2):
         updates, opt_state = optimizer.update(g, opt_state, params)
         params = optax.apply_updates(params, updates)
         norms = jnp.stack([jnp.linalg.norm(gl["W"].astype(jnp.float32)) for gl in g])
-        return params, opt_state, {"loss": loss, "grad_norms": norms}
+        finite = jnp.stack([jnp.isfinite(gl["W"]).all() & jnp.isfinite(gl["b"]).all() for gl in g])
+        return params, opt_state, {"loss": loss, "grad_norms": norms, "grads_finite": finite}
 
     return step
 
@@ -79,8 +90,11 @@ def make_train_step(
 
     Returns:
         ``step(params, opt_state, x, y) -> (params, opt_state, metrics)``; ``metrics`` holds
-        ``loss`` (the loss before the update) and ``grad_norms`` (``(L,)``). Shapes are checked
-        when the step is traced (once per input shape), not on every call.
+        ``loss`` (the loss before the update), ``grad_norms`` and ``grads_finite`` (``(L,)``).
+        Shapes are checked when the step is traced (once per input shape), not on every call.
+        Inputs laid out over several devices (``jax.device_put(x, NamedSharding(mesh,
+        P("data")))``, params replicated) run data-parallel as they are: XLA splits the
+        matmuls by rows and all-reduces the gradient sums.
     """
     _check_config(model, optimizer, grads, l2)
     step = _step_fn(model, optimizer, grads, l2)
@@ -94,21 +108,36 @@ def make_train_step(
     return train_step
 
 
-def _epoch_fn(model, optimizer, batch_size, grads, l2):
+def _steps_fn(model, optimizer, batch_size, grads, l2, batch_sharding=None):
+    """``run(params, opt_state, key, x, y, start, length)``: steps ``start … start+length−1`` of
+    the epoch whose shuffle ``key`` draws, in one ``lax.scan``; each batch is gathered from the
+    whole training set ``x, y`` as its step comes (and laid out by ``batch_sharding``)."""
     step = _step_fn(model, optimizer, grads, l2)
 
-    def epoch(params, opt_state, key, x, y):
-        xb, yb = epoch_batches(key, x, y, batch_size)
+    def run(params, opt_state, key, x, y, start, length):
+        idx = epoch_indices(key, x.shape[0], batch_size)  # (steps, batch) row indices
+        idx = jax.lax.dynamic_slice_in_dim(idx, start, length)
 
-        def body(carry, batch):
+        def body(carry, i):
             params, opt_state = carry
-            params, opt_state, metrics = step(params, opt_state, *batch)
+            xb, yb = x[i], y[i]
+            if batch_sharding is not None:  # split the batch over the mesh's "data" axis
+                xb = jax.lax.with_sharding_constraint(xb, batch_sharding)
+                yb = jax.lax.with_sharding_constraint(yb, batch_sharding)
+            params, opt_state, metrics = step(params, opt_state, xb, yb)
             return (params, opt_state), metrics
 
-        (params, opt_state), metrics = jax.lax.scan(body, (params, opt_state), (xb, yb))
+        (params, opt_state), metrics = jax.lax.scan(body, (params, opt_state), idx)
         return params, opt_state, metrics
 
-    return epoch
+    return run
+
+
+def _epoch_fn(model, optimizer, batch_size, grads, l2):
+    run = _steps_fn(model, optimizer, batch_size, grads, l2)
+    return lambda params, opt_state, key, x, y: run(
+        params, opt_state, key, x, y, 0, x.shape[0] // batch_size
+    )
 
 
 def make_train_epoch(
@@ -205,6 +234,153 @@ def _is_classification(model: MLP, y) -> bool:
     return model.sizes[-1] > 1 and jnp.issubdtype(jnp.asarray(y).dtype, jnp.integer)
 
 
+# ----------------------------------------------------------------------------------------------
+# Devices, divergence and interruption.
+
+
+def data_mesh(devices: int | str | Sequence[jax.Device] | None = "all") -> jax.sharding.Mesh:
+    """A one-axis :class:`jax.sharding.Mesh` named ``"data"`` for data-parallel training.
+
+    Arguments:
+        devices: ``"all"`` (every device of the default backend), a count ``N`` (the first
+            ``N``), or a sequence of devices.
+
+    On one host with several accelerators this is all there is to it. On several hosts, call
+    ``jax.distributed.initialize()`` first in every process (one per host); ``jax.devices()``
+    then lists the devices of all hosts, and the same program runs on each, every host feeding
+    the same global batch (fnbp's loaders are deterministic by seed). On CPU, test with
+    ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` set before JAX starts.
+
+    Raises:
+        ValueError: if ``N`` is not a positive int or exceeds the devices available.
+    """
+    available = jax.devices()
+    if devices == "all" or devices is None:
+        chosen = available
+    elif isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
+        if not 1 <= devices <= len(available):
+            raise ValueError(
+                f"devices must be 1 to {len(available)} (the {jax.default_backend()} devices "
+                f"available), got {devices}; on CPU, set XLA_FLAGS="
+                f"--xla_force_host_platform_device_count={max(int(devices), 2)} before JAX starts "
+                "for more"
+            )
+        chosen = available[: int(devices)]
+    elif (
+        isinstance(devices, Sequence)
+        and devices
+        and all(isinstance(d, jax.Device) for d in devices)
+    ):
+        chosen = list(devices)
+    else:
+        raise ValueError(
+            f"devices must be 'all', a positive int or a list of devices, got {devices!r}"
+        )
+    return jax.sharding.Mesh(np.array(chosen), ("data",))
+
+
+class NonFiniteError(FloatingPointError):
+    """Training met a non-finite loss or gradient (``on_nonfinite="stop"``).
+
+    Attributes:
+        step: the 1-based number of the step whose loss or gradient was non-finite.
+        epoch: the 1-based epoch it belongs to.
+        layer: the first layer (1-based, in ``params`` order) with a non-finite gradient, or
+            ``None`` when only the loss was non-finite.
+        layers: every layer with a non-finite gradient at that step.
+        loss: that step's loss.
+        checkpoint: the last checkpoint written (all finite), or ``None``.
+    """
+
+    def __init__(self, step, epoch, layers, loss, checkpoint):
+        self.step, self.epoch, self.layers, self.loss = step, epoch, layers, loss
+        self.layer = layers[0] if layers else None
+        self.checkpoint = checkpoint
+        what = (
+            f"the gradient of layer {self.layer} is non-finite (non-finite in layers "
+            f"{', '.join(map(str, layers))} of the model), loss {loss:g}"
+            if layers
+            else f"the loss is {loss:g} (gradients finite)"
+        )
+        kept = (
+            f"the last finite checkpoint is {checkpoint}"
+            if checkpoint
+            else "no checkpoint was written (set a checkpoint folder to keep one)"
+        )
+        super().__init__(
+            f"training diverged at step {step} (epoch {epoch}): {what}; {kept}. Lower the "
+            "learning rate, or skip such steps (on_nonfinite='skip', --on-nonfinite skip)"
+        )
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped early, on request (``should_stop``) or by ``KeyboardInterrupt``.
+
+    Attributes:
+        step: optimizer steps completed; the state after them is what was saved.
+        epoch: epochs completed.
+        checkpoint: the checkpoint holding that state, or ``None`` without a checkpoint folder.
+    """
+
+    def __init__(self, step, epoch, checkpoint):
+        self.step, self.epoch, self.checkpoint = step, epoch, checkpoint
+        super().__init__(
+            f"training interrupted after step {step} (epoch {epoch} complete)"
+            + (f"; checkpoint {checkpoint}" if checkpoint else "")
+        )
+
+
+ON_NONFINITE = ("stop", "skip")
+_NEVER_GIVE_UP = int(np.iinfo(np.int32).max)  # optax.apply_if_finite: skip, however many
+
+
+# ----------------------------------------------------------------------------------------------
+# fit
+
+
+class _Progress(NamedTuple):
+    """Where a run stands after a whole number of chunks; assigned in one statement, so an
+    interrupt never sees half of it."""
+
+    params: Params
+    opt_state: optax.OptState
+    step: int  # optimizer steps taken
+    history: list  # one record per completed epoch
+    partial: dict  # sums over the steps of the epoch in progress
+    seconds: float  # training time before this process started (resumed runs)
+
+
+def _empty_partial(num_layers: int) -> dict:
+    return {"steps": 0, "loss_sum": 0.0, "grad_norm_sums": [0.0] * num_layers, "skipped": 0}
+
+
+def _add_chunk(partial: dict, metrics: dict, skipped: np.ndarray) -> dict:
+    """The epoch's running sums after one more chunk (float64, host, in step order)."""
+    return {
+        "steps": partial["steps"] + len(metrics["loss"]),
+        "loss_sum": partial["loss_sum"] + float(np.sum(metrics["loss"], dtype=np.float64)),
+        "grad_norm_sums": [
+            s + float(v)
+            for s, v in zip(
+                partial["grad_norm_sums"],
+                np.sum(metrics["grad_norms"], 0, dtype=np.float64),
+                strict=True,
+            )
+        ],
+        "skipped": partial["skipped"] + int(np.sum(skipped)),
+    }
+
+
+def _first_nonfinite(metrics: dict) -> tuple[int, list[int]] | None:
+    """``(index in chunk, non-finite layers)`` of the first step with a non-finite loss or
+    gradient, or ``None``."""
+    ok = np.isfinite(metrics["loss"]) & metrics["grads_finite"].all(axis=1)
+    if ok.all():
+        return None
+    j = int(np.argmin(ok))
+    return j, [int(l) + 1 for l in np.flatnonzero(~metrics["grads_finite"][j])]
+
+
 def fit(
     model: MLP,
     optimizer: optax.GradientTransformation,
@@ -219,52 +395,243 @@ def fit(
     l2=0.0,
     x_test=None,
     y_test=None,
+    on_nonfinite: str = "stop",
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: int = 2,
+    resume: bool = False,
+    config: dict | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    should_stop: Callable[[], bool] | None = None,
     progress: bool = True,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> tuple[Params, optax.OptState, list[dict]]:
-    """Train for ``epochs`` scan-fused epochs, evaluating after each one.
+    """Train for ``epochs`` epochs of jitted, scan-fused steps, evaluating after each one.
+
+    Each epoch shuffles with ``fold_in(key, epoch)`` and runs in chunks: one ``lax.scan`` over
+    the steps up to the next multiple of ``checkpoint_every`` within the epoch, or to the
+    epoch's end (the whole epoch when ``checkpoint_every`` is ``None``). Between chunks, and
+    only there, the host reads the chunk's metrics (one transfer per chunk), checks them, saves
+    a checkpoint and asks ``should_stop``.
 
     Arguments:
-        key: the PRNG key the epoch shuffles are drawn from (``fold_in(key, epoch)``).
+        model, optimizer, params: the spec, any optax transformation, the initial params.
+        x_train, y_train: the training set; ``len(x) mod batch_size`` examples, a different
+            few each epoch, sit out each epoch.
+        key: the PRNG key the epoch shuffles are drawn from.
+        epochs, batch_size, grads, l2: as in :func:`make_train_epoch`.
         x_test, y_test: evaluated after every epoch when given.
+        on_nonfinite: ``"stop"``: a step whose loss or any gradient entry is non-finite ends
+            the run with :class:`NonFiniteError` (naming the step and layer; the last
+            checkpoint, all finite, is kept). ``"skip"``: such steps leave params and
+            optimizer state unchanged (``optax.apply_if_finite`` wraps the optimizer, so the
+            returned ``opt_state`` is its state) and are counted in ``skipped_steps``.
+        checkpoint_dir: save a :class:`fnbp.checkpoint.Checkpoint` after every chunk, as
+            ``ckpt-<step>.npz``, keeping the newest ``keep_checkpoints``.
+        checkpoint_every: chunk length in steps (see above); ``None``: one chunk per epoch.
+        resume: continue from the newest checkpoint in ``checkpoint_dir`` (if there is none,
+            start afresh). The run must have the same settings; it then ends with the same
+            params, bit for bit, as a run never stopped. Without ``resume``, a
+            ``checkpoint_dir`` that already holds checkpoints is refused.
+        config: JSON-able settings stored in every checkpoint (the CLI stores its arguments).
+        mesh: a :func:`data_mesh`: params and data are replicated over its devices and each
+            batch is split over its ``"data"`` axis (``batch_size`` must be divisible by its
+            size); gradients are all-reduced by XLA.
+        should_stop: asked after every chunk; when it returns true the state is checkpointed
+            and :class:`Interrupted` raised. A ``KeyboardInterrupt`` does the same with the
+            state after the last completed chunk.
         progress: show a tqdm progress bar with epoch, loss and accuracy.
         on_epoch: called with each epoch's record.
 
     Returns:
-        ``(params, opt_state, history)``; ``history[e]`` is a dict with ``epoch``,
-        ``train_loss`` (mean over the epoch's steps), ``grad_norms`` (their mean, per layer)
-        and, when test data is given, ``test_loss`` and (for classifiers) ``test_accuracy``.
+        ``(params, opt_state, history)``; ``history[e]`` is a dict with ``epoch``, ``step``
+        (steps taken at its end), ``train_loss`` (mean over the epoch's steps), ``grad_norms``
+        (their mean, per layer), ``seconds`` (training time so far), with ``skipped_steps``
+        under ``on_nonfinite="skip"`` and, with test data, ``test_loss`` and (for classifiers)
+        ``test_accuracy``.
+
+    Raises:
+        NonFiniteError: see ``on_nonfinite``.
+        Interrupted: see ``should_stop``.
+        ValueError, TypeError: for bad arguments, a checkpoint folder in use, or a checkpoint
+            that is corrupt or does not fit (naming the file), before any training.
     """
     from tqdm.auto import tqdm
 
+    from fnbp import checkpoint as ckpt
     from fnbp.model import loss as loss_fn
 
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-    train_epoch = make_train_epoch(model, optimizer, batch_size=batch_size, grads=grads, l2=l2)
+    _check_batch_size(epochs, "epochs")
+    _check_config(model, optimizer, grads, l2)
+    _check_batch_size(batch_size)
+    if on_nonfinite not in ON_NONFINITE:
+        raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
+    if checkpoint_every is not None:
+        _check_batch_size(checkpoint_every, "checkpoint_every")
+    _check_batch_size(keep_checkpoints, "keep_checkpoints")
+    if mesh is not None and batch_size % mesh.size:
+        raise ValueError(
+            f"batch_size {batch_size} must be divisible by the {mesh.size} devices of the mesh"
+        )
     x_train, y_train = jnp.asarray(x_train), jnp.asarray(y_train)
     check_params(params, model)
     check_inputs(model, x_train, y_train)
-    opt_state = optimizer.init(params)
-    history = []
-    bar = tqdm(range(1, epochs + 1), desc="train", unit="epoch", disable=not progress)
-    for epoch in bar:
-        params, opt_state, metrics = train_epoch(
-            params, opt_state, jax.random.fold_in(key, epoch), x_train, y_train
+    steps_per_epoch = len(x_train) // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {batch_size} exceeds the {len(x_train)} training examples")
+    every = min(checkpoint_every or steps_per_epoch, steps_per_epoch)
+    if on_nonfinite == "skip":
+        optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=_NEVER_GIVE_UP)
+    settings = {  # a resumed run must agree on all of these to continue bit for bit
+        "batch_size": batch_size, "steps_per_epoch": steps_per_epoch, "chunk": every,
+        "grads": grads, "l2": float(l2), "on_nonfinite": on_nonfinite,
+        "n_train": len(x_train), "devices": 1 if mesh is None else mesh.size,
+    }  # fmt: skip
+
+    state = _Progress(params, optimizer.init(params), 0, [], _empty_partial(model.num_layers), 0.0)
+    last_saved = None
+    if checkpoint_dir is not None:
+        checkpoint_dir = Path(checkpoint_dir)
+        found = ckpt.list_checkpoints(checkpoint_dir)
+        if found and not resume:
+            raise ValueError(
+                f"checkpoint_dir {checkpoint_dir} already holds checkpoints (newest "
+                f"{found[-1].name}); pass resume=True to continue that run, or use an empty folder"
+            )
+        if found:
+            state, last_saved = _resume(found, optimizer, model, params, settings), found[-1]
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        for stale in checkpoint_dir.glob(".ckpt-*.tmp-*"):  # left by a kill -9 mid-write
+            stale.unlink(missing_ok=True)
+    elif resume:
+        raise ValueError("resume=True needs the checkpoint_dir to resume from")
+
+    batch_sharding = None
+    if mesh is not None:
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        state = state._replace(
+            params=jax.device_put(state.params, replicated),
+            opt_state=jax.device_put(state.opt_state, replicated),
         )
-        record = {
-            "epoch": epoch,
-            "train_loss": float(jnp.mean(metrics["loss"])),
-            "grad_norms": [float(v) for v in jnp.mean(metrics["grad_norms"], axis=0)],
-        }
-        if x_test is not None:
-            record["test_loss"] = float(loss_fn(params, model, x_test, y_test, l2=l2))
-            if _is_classification(model, y_test):
-                record["test_accuracy"] = float(accuracy(params, model, x_test, y_test))
-        history.append(record)
-        bar.set_postfix(
-            {k: f"{v:.4f}" for k, v in record.items() if k in ("train_loss", "test_accuracy")}
+        x_train, y_train = jax.device_put((x_train, y_train), replicated)
+    run = jax.jit(
+        _steps_fn(model, optimizer, batch_size, grads, l2, batch_sharding), static_argnums=6
+    )
+
+    def save(state: _Progress) -> Path | None:
+        if checkpoint_dir is None:
+            return last_saved
+        path = ckpt.checkpoint_path(checkpoint_dir, state.step)
+        if path != last_saved:
+            loop = {"settings": settings, "history": state.history, "partial": state.partial,
+                    "seconds": state.seconds + time.perf_counter() - start}  # fmt: skip
+            ckpt.save_checkpoint(
+                path,
+                ckpt.Checkpoint(state.params, state.opt_state, state.step,
+                                state.step // steps_per_epoch, key, model, config, loop),
+            )  # fmt: skip
+            ckpt.prune_checkpoints(checkpoint_dir, keep_checkpoints)
+        return path
+
+    start = time.perf_counter()
+    first_epoch = state.step // steps_per_epoch + 1
+    bar = tqdm(
+        total=epochs, initial=first_epoch - 1, desc="train", unit="epoch", disable=not progress
+    )
+    try:
+        for epoch in range(first_epoch, epochs + 1):
+            epoch_key = jax.random.fold_in(key, epoch)
+            pos = state.step - (epoch - 1) * steps_per_epoch  # ≠ 0 only when resumed mid-epoch
+            while pos < steps_per_epoch:
+                length = min(every - pos % every, steps_per_epoch - pos)
+                params, opt_state, metrics = run(
+                    state.params, state.opt_state, epoch_key, x_train, y_train, pos, length
+                )
+                metrics = jax.device_get(metrics)  # the one host sync of the chunk
+                bad = _first_nonfinite(metrics)
+                if bad is not None and on_nonfinite == "stop":
+                    j, layers = bad
+                    raise NonFiniteError(
+                        state.step + j + 1, epoch, layers, float(metrics["loss"][j]), last_saved
+                    )
+                skipped = ~metrics["grads_finite"].all(axis=1)
+                partial = _add_chunk(state.partial, metrics, skipped)
+                pos += length
+                history = state.history
+                if pos == steps_per_epoch:
+                    record = _epoch_record(
+                        epoch, state.step + length, partial, on_nonfinite,
+                        state.seconds + time.perf_counter() - start,
+                    )  # fmt: skip
+                    if x_test is not None:
+                        record["test_loss"] = float(loss_fn(params, model, x_test, y_test, l2=l2))
+                        if _is_classification(model, y_test):
+                            record["test_accuracy"] = float(accuracy(params, model, x_test, y_test))
+                    history = [*history, record]
+                    partial = _empty_partial(model.num_layers)
+                state = state._replace(
+                    params=params, opt_state=opt_state, step=state.step + length,
+                    history=history, partial=partial,
+                )  # fmt: skip
+                last_saved = save(state)
+                if pos == steps_per_epoch:
+                    bar.update(1)
+                    bar.set_postfix(
+                        {k: f"{v:.4f}" for k, v in history[-1].items()
+                         if k in ("train_loss", "test_accuracy")}
+                    )  # fmt: skip
+                    if on_epoch is not None:
+                        on_epoch(history[-1])
+                if should_stop is not None and should_stop():
+                    raise Interrupted(state.step, state.step // steps_per_epoch, last_saved)
+    except KeyboardInterrupt as e:
+        if isinstance(e, Interrupted):
+            raise
+        raise Interrupted(state.step, state.step // steps_per_epoch, save(state)) from None
+    finally:
+        bar.close()
+    return state.params, state.opt_state, state.history
+
+
+def _epoch_record(epoch, step, partial, on_nonfinite, seconds) -> dict:
+    n = partial["steps"]
+    record = {
+        "epoch": epoch,
+        "step": step,
+        "train_loss": partial["loss_sum"] / n,
+        "grad_norms": [s / n for s in partial["grad_norm_sums"]],
+        "seconds": round(seconds, 3),
+    }
+    if on_nonfinite == "skip":
+        record["skipped_steps"] = partial["skipped"]
+    return record
+
+
+def _resume(found: list[Path], optimizer, model, params, settings) -> _Progress:
+    """The :class:`_Progress` stored in the newest checkpoint of ``found``."""
+    from fnbp import checkpoint as ckpt
+
+    path = found[-1]
+    try:
+        c = ckpt.load_checkpoint(path, optimizer, model)
+    except ValueError as e:
+        hint = f"; move it aside to resume from {found[-2].name} instead" if len(found) > 1 else ""
+        raise ValueError(f"{e}{hint}") from None
+    loop = c.loop or {}
+    if loop.get("settings") != settings:
+        theirs = loop.get("settings") or {}
+        diff = [f"{k} {theirs.get(k)!r} there, {v!r} here" for k, v in settings.items()
+                if theirs.get(k) != v]  # fmt: skip
+        raise ValueError(
+            f"{path}: the checkpoint was written by a run with other settings ("
+            f"{'; '.join(diff) or 'none recorded'}); resume with the same settings"
         )
-        if on_epoch is not None:
-            on_epoch(record)
-    return params, opt_state, history
+    for leaf, want in zip(jax.tree.leaves(c.params), jax.tree.leaves(params), strict=True):
+        if leaf.dtype != want.dtype:
+            raise ValueError(
+                f"{path}: params of dtype {leaf.dtype}, but this run's are {want.dtype}"
+            )
+    return _Progress(
+        c.params, c.opt_state, c.step, loop["history"], loop["partial"], loop["seconds"]
+    )

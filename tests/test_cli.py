@@ -56,7 +56,12 @@ def _arrays(run_dir):
 def test_train_writes_config_metrics_and_params(runs):
     rc, out, run = runs["manual"]
     assert rc == 0
-    assert sorted(p.name for p in run.iterdir()) == ["config.json", "metrics.jsonl", "params.npz"]
+    names = ["checkpoints", "config.json", "metrics.jsonl", "params.npz"]
+    assert sorted(p.name for p in run.iterdir()) == names
+    # one checkpoint per epoch (44 steps of 32), the newest two kept
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(
+        ["ckpt-000000088.npz", "ckpt-000000132.npz"]
+    )
     config = json.loads((run / "config.json").read_text())
     assert config["sizes"] == [64, 32, 10]
     assert config["seed"] == 0 and config["epochs"] == 3 and config["grads"] == "manual"
