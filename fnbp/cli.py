@@ -253,9 +253,12 @@ def _resumed(args, argv) -> tuple[Path, argparse.Namespace]:
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
+    """One JSON object per line (NaN as null, ±inf as "inf"), replacing ``path`` atomically."""
     from fnbp.io import _atomic_write_bytes
+    from fnbp.report import _jsonable
 
-    _atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+    text = "".join(json.dumps(_jsonable(r)) + "\n" for r in records)
+    _atomic_write_bytes(path, text.encode())
 
 
 def _read_jsonl(path: Path) -> list[dict]:

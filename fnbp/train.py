@@ -22,6 +22,7 @@ stops cleanly when asked (:class:`Interrupted`), and splits each batch over seve
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -62,22 +63,40 @@ def _check_config(model, optimizer, grads, l2):
     check_l2(l2)
 
 
-def _step_fn(model, optimizer, grads, l2):
+def _step_fn(model, optimizer, grads, l2, skip_nonfinite=False):
     value_and_grads = _value_and_grads(model, grads, l2)
 
     def step(params, opt_state, x, y):
         loss, g = value_and_grads(params, x, y)
-        updates, opt_state = optimizer.update(g, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        updates, new_opt_state = optimizer.update(g, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
         norms = jnp.stack([jnp.linalg.norm(gl["W"].astype(jnp.float32)) for gl in g])
         finite = jnp.stack([jnp.isfinite(gl["W"]).all() & jnp.isfinite(gl["b"]).all() for gl in g])
-        return params, opt_state, {"loss": loss, "grad_norms": norms, "grads_finite": finite}
+        metrics = {"loss": loss, "grad_norms": norms, "grads_finite": finite}
+        if skip_nonfinite:
+            # Skip the step unless its loss, its gradient AND the params it leads to are finite:
+            # a finite but huge gradient can still overflow the params (optax.apply_if_finite
+            # looks at the gradient only, so it would let that step through).
+            ok = jnp.isfinite(loss) & finite.all()
+            ok &= jnp.stack([jnp.isfinite(v).all() for v in jax.tree.leaves(new_params)]).all()
+            new_params, new_opt_state = jax.tree.map(
+                lambda new, old: jnp.where(ok, new, old),
+                (new_params, new_opt_state),
+                (params, opt_state),
+            )
+            metrics["skipped"] = ~ok
+        return new_params, new_opt_state, metrics
 
     return step
 
 
 def make_train_step(
-    model: MLP, optimizer: optax.GradientTransformation, *, grads: str = "manual", l2=0.0
+    model: MLP,
+    optimizer: optax.GradientTransformation,
+    *,
+    grads: str = "manual",
+    l2=0.0,
+    skip_nonfinite: bool = False,
 ) -> Callable:
     """A jitted training step.
 
@@ -87,6 +106,9 @@ def make_train_step(
             ``optimizer.init(params)``.
         grads: ``"manual"`` (hand-written backprop) or ``"autodiff"`` (``jax.grad``).
         l2: L2 strength λ ≥ 0, part of the loss (not the optimizer's weight decay).
+        skip_nonfinite: a step whose loss, gradient or updated params hold a NaN or Inf
+            returns the params and optimizer state it was given, unchanged, and says so in
+            ``metrics["skipped"]``.
 
     Returns:
         ``step(params, opt_state, x, y) -> (params, opt_state, metrics)``; ``metrics`` holds
@@ -97,7 +119,7 @@ def make_train_step(
         matmuls by rows and all-reduces the gradient sums.
     """
     _check_config(model, optimizer, grads, l2)
-    step = _step_fn(model, optimizer, grads, l2)
+    step = _step_fn(model, optimizer, grads, l2, skip_nonfinite)
 
     @jax.jit
     def train_step(params, opt_state, x, y):
@@ -108,11 +130,11 @@ def make_train_step(
     return train_step
 
 
-def _steps_fn(model, optimizer, batch_size, grads, l2, batch_sharding=None):
+def _steps_fn(model, optimizer, batch_size, grads, l2, batch_sharding=None, skip_nonfinite=False):
     """``run(params, opt_state, key, x, y, start, length)``: steps ``start … start+length−1`` of
     the epoch whose shuffle ``key`` draws, in one ``lax.scan``; each batch is gathered from the
     whole training set ``x, y`` as its step comes (and laid out by ``batch_sharding``)."""
-    step = _step_fn(model, optimizer, grads, l2)
+    step = _step_fn(model, optimizer, grads, l2, skip_nonfinite)
 
     def run(params, opt_state, key, x, y, start, length):
         idx = epoch_indices(key, x.shape[0], batch_size)  # (steps, batch) row indices
@@ -292,7 +314,7 @@ class NonFiniteError(FloatingPointError):
         checkpoint: the last checkpoint written (all finite), or ``None``.
     """
 
-    def __init__(self, step, epoch, layers, loss, checkpoint):
+    def __init__(self, step, epoch, layers, loss, checkpoint, checkpointing=True):
         self.step, self.epoch, self.layers, self.loss = step, epoch, layers, loss
         self.layer = layers[0] if layers else None
         self.checkpoint = checkpoint
@@ -302,11 +324,12 @@ class NonFiniteError(FloatingPointError):
             if layers
             else f"the loss is {loss:g} (gradients finite)"
         )
-        kept = (
-            f"the last finite checkpoint is {checkpoint}"
-            if checkpoint
-            else "no checkpoint was written (set a checkpoint folder to keep one)"
-        )
+        if checkpoint:
+            kept = f"the last finite checkpoint is {checkpoint}"
+        elif checkpointing:
+            kept = "it came before the first checkpoint"
+        else:
+            kept = "no checkpoints were kept (give a checkpoint folder to keep the last finite one)"
         super().__init__(
             f"training diverged at step {step} (epoch {epoch}): {what}; {kept}. Lower the "
             "learning rate, or skip such steps (on_nonfinite='skip', --on-nonfinite skip)"
@@ -331,7 +354,6 @@ class Interrupted(KeyboardInterrupt):
 
 
 ON_NONFINITE = ("stop", "skip")
-_NEVER_GIVE_UP = int(np.iinfo(np.int32).max)  # optax.apply_if_finite: skip, however many
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,20 +376,22 @@ def _empty_partial(num_layers: int) -> dict:
     return {"steps": 0, "loss_sum": 0.0, "grad_norm_sums": [0.0] * num_layers, "skipped": 0}
 
 
-def _add_chunk(partial: dict, metrics: dict, skipped: np.ndarray) -> dict:
-    """The epoch's running sums after one more chunk (float64, host, in step order)."""
+def _add_chunk(partial: dict, metrics: dict) -> dict:
+    """The epoch's running sums after one more chunk (float64, host, in step order), over the
+    steps that were not skipped."""
+    taken = ~metrics["skipped"] if "skipped" in metrics else np.ones(len(metrics["loss"]), bool)
     return {
-        "steps": partial["steps"] + len(metrics["loss"]),
-        "loss_sum": partial["loss_sum"] + float(np.sum(metrics["loss"], dtype=np.float64)),
+        "steps": partial["steps"] + int(np.sum(taken)),
+        "loss_sum": partial["loss_sum"] + float(np.sum(metrics["loss"][taken], dtype=np.float64)),
         "grad_norm_sums": [
             s + float(v)
             for s, v in zip(
                 partial["grad_norm_sums"],
-                np.sum(metrics["grad_norms"], 0, dtype=np.float64),
+                np.sum(metrics["grad_norms"][taken], 0, dtype=np.float64),
                 strict=True,
             )
         ],
-        "skipped": partial["skipped"] + int(np.sum(skipped)),
+        "skipped": partial["skipped"] + int(np.sum(~taken)),
     }
 
 
@@ -423,9 +447,9 @@ def fit(
         x_test, y_test: evaluated after every epoch when given.
         on_nonfinite: ``"stop"``: a step whose loss or any gradient entry is non-finite ends
             the run with :class:`NonFiniteError` (naming the step and layer; the last
-            checkpoint, all finite, is kept). ``"skip"``: such steps leave params and
-            optimizer state unchanged (``optax.apply_if_finite`` wraps the optimizer, so the
-            returned ``opt_state`` is its state) and are counted in ``skipped_steps``.
+            checkpoint, all finite, is kept). ``"skip"``: such steps, and steps that would make
+            the params non-finite, leave params and optimizer state unchanged and are counted
+            in ``skipped_steps`` (``train_loss`` and ``grad_norms`` average the others).
         checkpoint_dir: save a :class:`fnbp.checkpoint.Checkpoint` after every chunk, as
             ``ckpt-<step>.npz``, keeping the newest ``keep_checkpoints``.
         checkpoint_every: chunk length in steps (see above); ``None``: one chunk per epoch.
@@ -480,8 +504,6 @@ def fit(
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {batch_size} exceeds the {len(x_train)} training examples")
     every = min(checkpoint_every or steps_per_epoch, steps_per_epoch)
-    if on_nonfinite == "skip":
-        optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=_NEVER_GIVE_UP)
     settings = {  # a resumed run must agree on all of these to continue bit for bit
         "batch_size": batch_size, "steps_per_epoch": steps_per_epoch, "chunk": every,
         "grads": grads, "l2": float(l2), "on_nonfinite": on_nonfinite,
@@ -516,7 +538,8 @@ def fit(
         )
         x_train, y_train = jax.device_put((x_train, y_train), replicated)
     run = jax.jit(
-        _steps_fn(model, optimizer, batch_size, grads, l2, batch_sharding), static_argnums=6
+        _steps_fn(model, optimizer, batch_size, grads, l2, batch_sharding, on_nonfinite == "skip"),
+        static_argnums=6,
     )
 
     def save(state: _Progress) -> Path | None:
@@ -549,14 +572,14 @@ def fit(
                     state.params, state.opt_state, epoch_key, x_train, y_train, pos, length
                 )
                 metrics = jax.device_get(metrics)  # the one host sync of the chunk
-                bad = _first_nonfinite(metrics)
-                if bad is not None and on_nonfinite == "stop":
+                bad = _first_nonfinite(metrics) if on_nonfinite == "stop" else None
+                if bad is not None:
                     j, layers = bad
                     raise NonFiniteError(
-                        state.step + j + 1, epoch, layers, float(metrics["loss"][j]), last_saved
-                    )
-                skipped = ~metrics["grads_finite"].all(axis=1)
-                partial = _add_chunk(state.partial, metrics, skipped)
+                        state.step + j + 1, epoch, layers, float(metrics["loss"][j]),
+                        last_saved, checkpoint_dir is not None,
+                    )  # fmt: skip
+                partial = _add_chunk(state.partial, metrics)
                 pos += length
                 history = state.history
                 if pos == steps_per_epoch:
@@ -595,7 +618,7 @@ def fit(
 
 
 def _epoch_record(epoch, step, partial, on_nonfinite, seconds) -> dict:
-    n = partial["steps"]
+    n = partial["steps"] or math.nan  # every step skipped: nothing to average
     record = {
         "epoch": epoch,
         "step": step,

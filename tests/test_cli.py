@@ -4,9 +4,13 @@ import contextlib
 import importlib
 import io
 import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import chex
@@ -352,3 +356,229 @@ def test_console_script_bad_value_exits_2(tmp_path):
     assert result.returncode == 2
     assert "fnbp: error: MLP: sizes needs at least two entries" in result.stderr
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints and --resume, with real processes and real signals
+
+# 44 steps of 32 per epoch, a checkpoint every 10 steps within an epoch and at its end; the
+# wider net makes a run last a few seconds, so a signal lands in its middle.
+LONG = ["--sizes", "64,256,256,10", "--epochs", "25", "--checkpoint-every", "10", "--no-progress"]
+
+
+def _start(out, *extra):
+    return subprocess.Popen(
+        [_fnbp_script(), "train", *LONG, "--out", str(out), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # our signals go to it alone
+    )  # fmt: skip
+
+
+def _wait_for_checkpoint(proc, folder, min_step, timeout=120):
+    """Poll until a checkpoint of at least ``min_step`` steps exists; return its step."""
+    from fnbp.checkpoint import latest_checkpoint
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        newest = latest_checkpoint(folder / "checkpoints")
+        if newest is not None and int(newest.stem[5:]) >= min_step:
+            return int(newest.stem[5:])
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint appeared")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("long") / "run"
+    proc = _start(out)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    return out
+
+
+def _resume(out):
+    return subprocess.run(
+        [_fnbp_script(), "train", "--resume", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def _same_results(run, reference):
+    a, b = _arrays(run), _arrays(reference)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)  # bit for bit
+    strip = lambda p: [  # noqa: E731
+        {k: v for k, v in json.loads(line).items() if k != "seconds"}
+        for line in (p / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert strip(run) == strip(reference)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_a_checkpoint_and_resume_ends_bitwise_identical(
+    tmp_path, uninterrupted, sig, code
+):
+    out = tmp_path / "run"
+    proc = _start(out)
+    seen = _wait_for_checkpoint(proc, out, 54)  # into epoch 2
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stderr
+    line = stderr.strip().splitlines()[-1]
+    match = re.search(r"stopped after step (\d+); checkpoint (\S+);", line)
+    assert match and line.startswith(f"fnbp: {signal.Signals(sig).name}:"), line
+    stopped, saved = int(match.group(1)), Path(match.group(2))
+    assert stopped >= seen and saved.name == f"ckpt-{stopped:09d}.npz" and saved.is_file()
+    assert not (out / "params.npz").exists()
+    resumed = _resume(out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {out} from ckpt-{stopped:09d}.npz" in resumed.stderr
+    _same_results(out, uninterrupted)
+
+
+def test_kill_9_loses_at_most_one_checkpoint_interval_and_resumes_bitwise(tmp_path, uninterrupted):
+    from fnbp.checkpoint import latest_checkpoint, verify_checkpoint
+
+    out = tmp_path / "run"
+    proc = _start(out)
+    seen = _wait_for_checkpoint(proc, out, 70)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    newest = latest_checkpoint(out / "checkpoints")
+    assert int(newest.stem[5:]) >= seen  # every checkpoint it finished is there, and whole
+    for path in (out / "checkpoints").glob("ckpt-*.npz"):
+        verify_checkpoint(path)
+    resumed = _resume(out)
+    assert resumed.returncode == 0, resumed.stderr
+    _same_results(out, uninterrupted)
+    assert not list((out / "checkpoints").glob(".*"))  # no temporary file left behind
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path):
+    out = tmp_path / "run"
+    rc, _ = _train_quietly(out, "--epochs", "2")
+    assert rc == 0
+    before = _arrays(out)
+    rc = main(["train", "--resume", str(out), "--no-progress"])
+    assert rc == 0
+    after = _arrays(out)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_resume_from_a_corrupt_checkpoint_exits_2_naming_it_and_keeps_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, _ = _train_quietly(out, "--epochs", "2")
+    newest = out / "checkpoints" / "ckpt-000000088.npz"
+    newest.write_bytes(b"garbage" + newest.read_bytes()[7:])
+    before = newest.read_bytes()
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("resuming")  # then the one-line error
+    assert err[1].startswith("fnbp: error:") and "ckpt-000000088.npz" in err[1]
+    assert newest.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "setup, extra, match",
+    [
+        (None, [], "no such run folder"),
+        ("empty", [], "it has no config.json"),
+        ("bad-json", [], "config.json: not an fnbp train config"),
+        ("bad-value", [], "config.json: fnbp train: argument --lr: must be > 0"),
+        ("run", ["--lr", "0.1"], "drop --lr"),
+        ("run", ["--epochs=4", "--overwrite"], "drop --epochs, --overwrite"),
+    ],
+)
+def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys, setup, extra, match):
+    out = tmp_path / "run"
+    if setup == "run":
+        assert _train_quietly(out, "--epochs", "1")[0] == 0
+    elif setup is not None:
+        out.mkdir()
+        config = json.loads(json.dumps({"lr": 0.0}))
+        if setup == "bad-json":
+            (out / "config.json").write_text("{not json")
+        elif setup == "bad-value":
+            from fnbp.cli import TRAIN_SETTINGS
+
+            config = {k: None for k in TRAIN_SETTINGS}
+            config.update(dataset="digits", sizes=[64, 10], lr=0.0, epochs=1)
+            (out / "config.json").write_text(json.dumps(config))
+    before = sorted(p.name for p in out.rglob("*")) if out.exists() else None
+    assert main(["train", "--resume", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fnbp: error:") and match in err[-1], err
+    assert (sorted(p.name for p in out.rglob("*")) if out.exists() else None) == before
+
+
+def test_divergence_exits_1_naming_step_and_layer_and_writes_no_params(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", *SMALL, "--lr", "50", "--checkpoint-every", "5", "--out", str(out)])
+    assert rc == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    match = re.match(r"fnbp: error: training diverged at step (\d+) \(epoch 1\): the gradient of "
+                     r"layer (\d) is non-finite", err[0])  # fmt: skip
+    assert match, err
+    step = int(match.group(1))
+    assert not (out / "params.npz").exists()
+    kept = sorted((out / "checkpoints").glob("ckpt-*.npz"))
+    assert step > 5  # seed 0 diverges at step 12: after the first checkpoints
+    assert kept and f"last finite checkpoint is {kept[-1]}" in err[0]
+    assert int(kept[-1].stem[5:]) == (step - 1) // 5 * 5
+    with np.load(kept[-1], allow_pickle=False) as f:
+        assert all(np.isfinite(f[k]).all() for k in f.files if k.startswith("params"))
+
+
+def test_skip_nonfinite_finishes_and_counts_skipped_steps(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", *SMALL, "--lr", "50", "--on-nonfinite", "skip", "--out", str(out)])
+    assert rc == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["skipped_steps"] > 0 for r in records)
+    params, _ = load_params(out / "params.npz")
+    assert all(np.isfinite(np.asarray(v)).all() for p in params for v in p.values())
+
+
+_DEVICES = r"""
+import contextlib, io, json, sys
+import numpy as np
+from fnbp.cli import main
+root, out = sys.argv[1], {}
+for name, extra in [("one", ["--devices", "1"]), ("four", ["--devices", "4"]),
+                    ("all", ["--devices", "all"]), ("eight", ["--devices", "8"]),
+                    ("odd-batch", ["--devices", "4", "--batch-size", "30"])]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["train", "--sizes", "64,32,10", "--epochs", "2", "--no-progress",
+                   "--out", f"{root}/{name}", *extra])
+    out[name] = {"rc": rc, "err": err.getvalue()}
+    if rc == 0:
+        with np.load(f"{root}/{name}/params.npz") as f:
+            out[name]["W"] = f["layer1/W"].tolist()
+print(json.dumps(out))
+"""
+
+
+def test_devices_splits_batches_over_4_cpu_devices_and_refuses_what_does_not_fit(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    result = subprocess.run(
+        [sys.executable, "-c", _DEVICES, str(tmp_path)], env=env, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [out[k]["rc"] for k in ("one", "four", "all")] == [0, 0, 0]
+    chex.assert_trees_all_close(out["four"]["W"], out["one"]["W"], rtol=1e-4, atol=1e-5)
+    assert out["all"]["W"] == out["four"]["W"]  # all = the 4 devices
+    assert json.loads((tmp_path / "four" / "config.json").read_text())["devices"] == 4
+    for bad, match in [("eight", "--devices 8: devices must be 1 to 4"),
+                       ("odd-batch", "--batch-size 30 must be divisible by the 4 devices")]:  # fmt: skip
+        assert out[bad]["rc"] == 2
+        lines = out[bad]["err"].strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("fnbp: error:") and match in lines[0]
+        assert not (tmp_path / bad).exists()

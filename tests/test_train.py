@@ -1,5 +1,10 @@
 """Tests of fnbp/train.py: jitted steps, scan-fused epochs, vmapped populations, fit."""
 
+import json
+import os
+import subprocess
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -201,3 +206,243 @@ def test_scan_epoch_and_population_epoch_are_bitwise_deterministic():
         pop = pop_epoch(population, jax.vmap(optimizer.init)(population), jnp.tile(keys, 2), x, y)
         runs.append((single[0], single[2], pop[0], pop[2]))
     chex.assert_trees_all_equal(runs[0], runs[1])  # same inputs, same device: same bits
+
+
+def test_train_step_is_bitwise_deterministic():
+    model, x, y = _toy()
+    optimizer = optax.adam(1e-2)
+    runs = []
+    for _ in range(2):
+        params = fnbp.init_params(jax.random.key(1), model)
+        step = train.make_train_step(model, optimizer)
+        runs.append(step(params, optimizer.init(params), x, y))
+    chex.assert_trees_all_equal(runs[0], runs[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# fit: checkpoints, resume, divergence guard
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load_digits(seed=0)
+
+
+DIGITS_MODEL = fnbp.MLP((64, 32, 10))
+
+
+def _fit(ds, folder=None, *, epochs=3, every=10, optimizer=None, **kwargs):
+    """fit on digits (44 steps of 32 per epoch), checkpointing into ``folder``."""
+    params = fnbp.init_params(jax.random.key(0), DIGITS_MODEL)
+    return train.fit(
+        DIGITS_MODEL, optimizer or optax.sgd(0.02, momentum=0.9), params, ds.x_train,
+        ds.y_train, key=jax.random.key(1), epochs=epochs, batch_size=32, x_test=ds.x_test,
+        y_test=ds.y_test, checkpoint_dir=folder, checkpoint_every=every, progress=False,
+        **kwargs,
+    )  # fmt: skip
+
+
+def _without_seconds(history):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+
+def _stop_after(calls):
+    """should_stop that says yes on its ``calls``-th question (one question per chunk)."""
+    asked = []
+    return lambda: asked.append(1) or len(asked) >= calls
+
+
+@pytest.mark.parametrize(
+    "optimizer", [optax.sgd(0.02, momentum=0.9), optax.adam(1e-3)], ids=["momentum", "adam"]
+)
+def test_fit_stopped_mid_epoch_and_resumed_ends_bitwise_identical(digits, tmp_path, optimizer):
+    ref_params, ref_state, ref_history = _fit(digits, tmp_path / "ref", optimizer=optimizer)
+    # chunks of an epoch: steps 0-9, 10-19, 20-29, 30-39, 40-43; the 7th chunk ends at step 64
+    with pytest.raises(train.Interrupted) as e:
+        _fit(digits, tmp_path / "run", optimizer=optimizer, should_stop=_stop_after(7))
+    assert (e.value.step, e.value.epoch) == (64, 1)
+    assert e.value.checkpoint.name == "ckpt-000000064.npz" and e.value.checkpoint.is_file()
+    params, state, history = _fit(digits, tmp_path / "run", optimizer=optimizer, resume=True)
+    chex.assert_trees_all_equal(params, ref_params)  # bit for bit
+    chex.assert_trees_all_equal(state, ref_state)
+    assert _without_seconds(history) == _without_seconds(ref_history)
+    assert [r["step"] for r in history] == [44, 88, 132]
+    # the newest two checkpoints are kept
+    assert [p.name for p in sorted((tmp_path / "run").iterdir())] == [
+        "ckpt-000000128.npz", "ckpt-000000132.npz",
+    ]  # fmt: skip
+
+
+def test_fit_keyboard_interrupt_saves_the_last_finished_chunk(digits, tmp_path):
+    def interrupt(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(train.Interrupted) as e:
+        _fit(digits, tmp_path, on_epoch=interrupt)
+    assert isinstance(e.value, KeyboardInterrupt)  # still an interrupt to callers
+    assert e.value.step == 88 and e.value.checkpoint.name == "ckpt-000000088.npz"
+    ref = _fit(digits, tmp_path / "ref")
+    resumed = _fit(digits, tmp_path, resume=True)
+    chex.assert_trees_all_equal(resumed[0], ref[0])
+
+
+def test_fit_checkpointed_in_chunks_equals_fit_without_checkpoints(digits, tmp_path):
+    chunked = _fit(digits, tmp_path, every=7)
+    plain = _fit(digits, None, every=None)
+    chex.assert_trees_all_equal(chunked[0], plain[0])  # chunking changes no bits (on CPU)
+
+
+def test_fit_resume_of_a_finished_run_returns_its_result(digits, tmp_path):
+    done = _fit(digits, tmp_path, epochs=2)
+    again = _fit(digits, tmp_path, epochs=2, resume=True)
+    chex.assert_trees_all_equal(again[0], done[0])
+    assert _without_seconds(again[2]) == _without_seconds(done[2])
+
+
+def test_fit_refuses_a_checkpoint_folder_in_use_without_resume(digits, tmp_path):
+    _fit(digits, tmp_path, epochs=1)
+    with pytest.raises(ValueError, match="already holds checkpoints.*resume=True"):
+        _fit(digits, tmp_path, epochs=1)
+
+
+def test_fit_resume_with_other_settings_is_refused_naming_the_file(digits, tmp_path):
+    _fit(digits, tmp_path, epochs=1)
+    with pytest.raises(ValueError, match=r"ckpt-000000044.npz: .*other settings.*chunk 10"):
+        _fit(digits, tmp_path, epochs=2, every=5, resume=True)
+
+
+def test_fit_resume_from_a_corrupt_checkpoint_names_it_and_the_one_before(digits, tmp_path):
+    _fit(digits, tmp_path, epochs=1)
+    newest = tmp_path / "ckpt-000000044.npz"
+    newest.write_bytes(newest.read_bytes()[:-100])  # truncated
+    with pytest.raises(ValueError, match=r"ckpt-000000044.npz.*move it aside.*ckpt-000000040"):
+        _fit(digits, tmp_path, epochs=2, resume=True)
+    assert newest.exists() and (tmp_path / "ckpt-000000040.npz").exists()  # nothing deleted
+
+
+def _poisoned(ds, row=5):
+    """Digits with one training row of NaN: every step whose batch holds it is non-finite."""
+    x = ds.x_train.copy()
+    x[row] = np.nan
+    return ds._replace(x_train=x), row
+
+
+def _steps_holding(row, epoch, n=1437, batch=32):
+    idx = np.asarray(data.epoch_indices(jax.random.fold_in(jax.random.key(1), epoch), n, batch))
+    return [s for s in range(len(idx)) if row in idx[s]]
+
+
+def test_fit_stops_at_the_first_non_finite_step_keeping_the_last_finite_checkpoint(
+    digits, tmp_path
+):
+    ds, row = _poisoned(digits)
+    first = (_steps_holding(row, 1) or [None])[0]
+    assert first is not None  # the NaN row is drawn in epoch 1 (checked, seed 1)
+    with pytest.raises(train.NonFiniteError) as e:
+        _fit(ds, tmp_path)
+    err = e.value
+    assert err.step == first + 1 and err.epoch == 1
+    # x⁽⁰⁾ holds the NaN, so ∂L/∂W⁽¹⁾ = Σₙ δ⁽¹⁾xᵀ is NaN whatever the layers above make of it
+    assert err.layer == 1 and err.layers[0] == 1
+    assert f"step {first + 1} (epoch 1)" in str(err) and "layer 1" in str(err)
+    last = (first // 10) * 10  # the chunk boundary before it
+    if last:
+        assert err.checkpoint.name == f"ckpt-{last:09d}.npz"
+        c = fnbp.checkpoint.load_checkpoint(err.checkpoint, optax.sgd(0.02, momentum=0.9))
+        assert c.step == last
+        assert all(np.isfinite(v).all() for v in jax.tree.leaves((c.params, c.opt_state)))
+    assert all(p.name <= f"ckpt-{last:09d}.npz" for p in tmp_path.iterdir())
+
+
+def test_fit_skip_mode_skips_and_counts_exactly_the_non_finite_steps(digits, tmp_path):
+    ds, row = _poisoned(digits)
+    params, _, history = _fit(ds, tmp_path, on_nonfinite="skip")
+    expected = [len(_steps_holding(row, e)) for e in (1, 2, 3)]
+    assert [r["skipped_steps"] for r in history] == expected and sum(expected) >= 2
+    assert all(np.isfinite(v).all() for v in jax.tree.leaves(params))
+    assert all(np.isfinite(r["train_loss"]) for r in history)  # averaged over the taken steps
+    assert history[-1]["test_accuracy"] > 0.9  # skipping 1 step in 44 costs nothing visible
+
+
+def test_skipping_step_returns_its_inputs_unchanged():
+    model, x, y = _toy()
+    optimizer = optax.adam(1e-2)
+    params = fnbp.init_params(jax.random.key(1), model)
+    state = optimizer.init(params)
+    step = train.make_train_step(model, optimizer, skip_nonfinite=True)
+    bad_x = x.at[3, 2].set(jnp.inf)
+    new_params, new_state, metrics = step(params, state, bad_x, y)
+    assert bool(metrics["skipped"]) and not bool(metrics["grads_finite"].all())
+    chex.assert_trees_all_equal((new_params, new_state), (params, state))
+    _, _, metrics = step(params, state, x, y)
+    assert not bool(metrics["skipped"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"on_nonfinite": "ignore"}, "on_nonfinite must be one of"),
+        ({"every": 0}, "checkpoint_every must be a positive int"),
+        ({"keep_checkpoints": 0}, "keep_checkpoints must be a positive int"),
+        ({"resume": True, "folder": None}, "resume=True needs the checkpoint_dir"),
+    ],
+)
+def test_fit_refuses_bad_checkpoint_and_guard_settings(digits, tmp_path, kwargs, match):
+    folder = kwargs.pop("folder", tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=match):
+        _fit(digits, folder, epochs=1, **kwargs)
+    assert not (tmp_path / "ckpt").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# data parallel over 4 (forced) CPU devices, in a fresh process: XLA_FLAGS must be set before
+# JAX starts.
+
+_DATA_PARALLEL = r"""
+import json, jax, numpy as np, optax, fnbp
+from fnbp import data, train
+ds = data.load_digits(seed=0)
+model = fnbp.MLP((64, 64, 10))
+params = fnbp.init_params(jax.random.key(0), model)
+out = {"devices": jax.device_count()}
+for n in (1, 4):
+    mesh = None if n == 1 else train.data_mesh(n)
+    p, _, h = train.fit(model, optax.sgd(0.05, momentum=0.9), params, ds.x_train, ds.y_train,
+                        key=jax.random.key(1), epochs=2, batch_size=32, mesh=mesh,
+                        progress=False)
+    out[n] = {"W": [np.asarray(l["W"]).tolist() for l in p], "loss": h[-1]["train_loss"],
+              "devices_holding_W": len(p[0]["W"].sharding.device_set)}
+run = jax.jit(train._steps_fn(model, optax.sgd(0.05), 32, "manual", 0.0,
+              jax.sharding.NamedSharding(train.data_mesh(4), jax.sharding.PartitionSpec("data"))),
+              static_argnums=6)
+rep = jax.sharding.NamedSharding(train.data_mesh(4), jax.sharding.PartitionSpec())
+args = jax.device_put((params, optax.sgd(0.05).init(params), ds.x_train, ds.y_train), rep)
+hlo = run.lower(args[0], args[1], jax.random.key(0), args[2], args[3], 0, 2).compile().as_text()
+out["all_reduce"] = "all-reduce" in hlo
+for bad in (5, 3):
+    try:
+        train.fit(model, optax.sgd(0.1), params, ds.x_train, ds.y_train, key=jax.random.key(1),
+                  epochs=1, batch_size=32, mesh=train.data_mesh(bad), progress=False)
+    except ValueError as e:
+        out[f"error{bad}"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_data_parallel_fit_on_4_devices_matches_one_device(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    result = subprocess.run(
+        [sys.executable, "-c", _DATA_PARALLEL], env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 4
+    assert out["4"]["devices_holding_W"] == 4 and out["1"]["devices_holding_W"] == 1
+    assert out["all_reduce"]  # the gradient sum over the split batch is an XLA all-reduce
+    # 88 steps: the 4-way split sums each gradient in another order, float32 rounding only
+    chex.assert_trees_all_close(out["4"]["W"], out["1"]["W"], rtol=1e-4, atol=1e-5)
+    assert out["4"]["loss"] == pytest.approx(out["1"]["loss"], rel=1e-5)
+    assert "devices must be 1 to 4" in out["error5"] and "device_count=5" in out["error5"]
+    assert "batch_size 32 must be divisible by the 3 devices" in out["error3"]
