@@ -477,8 +477,9 @@ def fit(
     Raises:
         NonFiniteError: see ``on_nonfinite``.
         Interrupted: see ``should_stop``.
-        ValueError, TypeError: for bad arguments, a checkpoint folder in use, or a checkpoint
-            that is corrupt or does not fit (naming the file), before any training.
+        ValueError, TypeError: for bad arguments, empty data or data holding NaN or Inf, a
+            checkpoint folder in use, or a checkpoint that is corrupt or does not fit (naming
+            the file), before any training.
     """
     from tqdm.auto import tqdm
 
@@ -500,6 +501,11 @@ def fit(
     x_train, y_train = jnp.asarray(x_train), jnp.asarray(y_train)
     check_params(params, model)
     check_inputs(model, x_train, y_train)
+    _check_data("x_train", x_train, "y_train", y_train)
+    if x_test is not None:
+        x_test, y_test = jnp.asarray(x_test), jnp.asarray(y_test)
+        check_inputs(model, x_test, y_test)
+        _check_data("x_test", x_test, "y_test", y_test)
     steps_per_epoch = len(x_train) // batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {batch_size} exceeds the {len(x_train)} training examples")
@@ -615,6 +621,20 @@ def fit(
     finally:
         bar.close()
     return state.params, state.opt_state, state.history
+
+
+def _check_data(x_name: str, x: Array, y_name: str, y: Array) -> None:
+    """Raise unless the data set is non-empty and finite (one reduction per array, once)."""
+    if x.shape[0] == 0:
+        raise ValueError(f"{x_name} is empty: it has shape {x.shape}")
+    for name, v in ((x_name, x), (y_name, y)):
+        if jnp.issubdtype(v.dtype, jnp.floating) and not bool(jnp.isfinite(v).all()):
+            bad = int(jnp.sum(~jnp.isfinite(v)))
+            rows = np.flatnonzero(~np.isfinite(np.asarray(v)).reshape(len(v), -1).all(1))
+            raise ValueError(
+                f"{name} holds {bad} NaN or Inf values (rows {rows[:5].tolist()}"
+                f"{', …' if len(rows) > 5 else ''}); clean or drop them before training"
+            )
 
 
 def _epoch_record(epoch, step, partial, on_nonfinite, seconds) -> dict:
