@@ -344,7 +344,10 @@ def _run_training(args, argv, stop: _StopOnSignal) -> int:
         )  # fmt: skip
         records = _read_jsonl(metrics_path)
     else:  # arguments are good: only now is anything written
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--out {out}: cannot create the run folder ({e.strerror})") from None
         if args.overwrite:  # an earlier run's checkpoints and params would be taken for ours
             for old in checkpoint.list_checkpoints(checkpoints):
                 old.unlink()

@@ -229,7 +229,12 @@ def load_mnist(folder: str | os.PathLike) -> Dataset:
                 f"MNIST folder {str(folder)!r} lacks {stem}[.gz]; it needs "
                 f"{', '.join(_MNIST_FILES.values())}"
             )
-        arrays[field] = read_idx(path)
+        arrays[field] = v = read_idx(path)
+        if len(v) == 0:
+            raise ValueError(f"{path}: holds no examples (its first dimension is 0)")
+        if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v)):
+            bad = int(np.sum(~np.isfinite(v)))
+            raise ValueError(f"{path}: holds {bad} NaN or Inf values")
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):

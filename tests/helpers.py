@@ -1,7 +1,10 @@
-"""Shared test helpers: random data that fits a model, and random architectures."""
+"""Shared test helpers: random data that fits a model, random architectures, IDX files."""
+
+import struct
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from hypothesis import strategies as st
 
 import fnbp
@@ -30,3 +33,32 @@ def models(draw, max_depth=6, max_width=64):
     loss = draw(st.sampled_from(sorted(LOSSES)))
     output = "identity" if LOSSES[loss].from_logits else draw(st.sampled_from(sorted(ACTIVATIONS)))
     return fnbp.MLP(sizes, draw(st.sampled_from(sorted(ACTIVATIONS))), loss, output)
+
+
+def idx_bytes(arr, code: int = 0x08, big_endian_dtype: str = ">u1") -> bytes:
+    """An IDX file: 00 00 <dtype code> <ndim>, ndim big-endian uint32 sizes, big-endian data."""
+    head = bytes([0, 0, code, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    return head + np.asarray(arr).astype(big_endian_dtype).tobytes()
+
+
+MNIST_NAMES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+def write_mnist(folder, n_train=12, n_test=6):
+    """A small, valid MNIST folder: the four IDX files, uint8 images and labels 0..9."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = [
+        rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        (np.arange(n_train) % 10).astype(np.uint8),
+        rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        (np.arange(n_test) % 10).astype(np.uint8),
+    ]
+    for name, arr in zip(MNIST_NAMES, arrays, strict=True):
+        (folder / name).write_bytes(idx_bytes(arr))
+    return folder

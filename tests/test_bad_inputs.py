@@ -1,0 +1,292 @@
+"""A catalogue of bad inputs across the API, the data loaders and the command line.
+
+Each row is one bad input and the answer it must get: the exception type and a piece of its
+message (API and loaders), or exit code 2 and a single ``… error: …`` line on stderr naming
+the problem (command line), never a traceback. Every row runs in its own folder, which holds
+an earlier run, a params file and MNIST folders (good and malformed) that the row may point
+at; afterwards the folder must hold exactly the same files with the same bytes: nothing
+written, nothing overwritten.
+"""
+
+import contextlib
+import io
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import idx_bytes, write_mnist
+
+import fnbp
+from fnbp import checkpoint, data, train
+from fnbp.cli import main
+
+MODEL = fnbp.MLP((4, 6, 3))
+REGRESSOR = fnbp.MLP((4, 6, 2), "tanh", "mse")
+
+
+def _params(model=MODEL):
+    return fnbp.init_params(jax.random.key(0), model)
+
+
+X = jax.random.normal(jax.random.key(1), (5, 4))
+Y = jnp.array([0, 1, 2, 1, 0])
+
+
+def _fit(x=X, y=Y, model=MODEL, **kwargs):
+    args = {"key": jax.random.key(0), "epochs": 1, "batch_size": 2, "progress": False, **kwargs}
+    return train.fit(model, optax.sgd(0.1), _params(model), x, y, **args)
+
+
+def _with(v, index, value):
+    v = np.array(v, np.float32)
+    v[index] = value
+    return v
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch):
+    """The folder every row runs in: an earlier run, a params file, MNIST folders."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "old-run"
+    run.mkdir()
+    (run / "notes.txt").write_text("precious\n")
+    fnbp.save_params(tmp_path / "params.npz", _params(), MODEL)
+    (tmp_path / "a-file").write_text("not a folder\n")
+    write_mnist(tmp_path / "mnist-ok")
+    bad_magic = write_mnist(tmp_path / "mnist-bad-magic")
+    (bad_magic / "train-labels-idx1-ubyte").write_bytes(b"\x01\x02\x08\x01" + bytes(16))
+    nan = write_mnist(tmp_path / "mnist-nan")
+    images = np.full((12, 28, 28), 0.5, np.float32)
+    images[3, 5, 5] = np.nan
+    (nan / "train-images-idx3-ubyte").write_bytes(idx_bytes(images, 0x0D, ">f4"))
+    empty = write_mnist(tmp_path / "mnist-empty")
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        shape = (0, 28, 28) if "images" in name else (0,)
+        (empty / name).write_bytes(idx_bytes(np.zeros(shape, np.uint8)))
+    label10 = write_mnist(tmp_path / "mnist-label-10")
+    (label10 / "t10k-labels-idx1-ubyte").write_bytes(
+        idx_bytes(np.array([0, 1, 2, 3, 4, 10], np.uint8))
+    )
+    write_mnist(tmp_path / "mnist-missing-file")
+    (tmp_path / "mnist-missing-file" / "t10k-images-idx3-ubyte").unlink()
+    (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04" + bytes(60))
+    return tmp_path
+
+
+def _snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+            for p in sorted(root.rglob("*"))}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# The API and the data loaders: (row id, call, exception type, message piece)
+
+API = [
+    ("mlp-one-size", lambda w: fnbp.MLP((4,)), ValueError, "at least two entries"),
+    ("mlp-zero-width", lambda w: fnbp.MLP((4, 0, 3)), ValueError, "positive int"),
+    ("mlp-sizes-string", lambda w: fnbp.MLP("4,3"), TypeError, "sequence of ints"),
+    ("mlp-unknown-activation", lambda w: fnbp.MLP((4, 3), "swish"), ValueError,
+     "unknown activation 'swish'; expected one of"),
+    ("mlp-unknown-loss", lambda w: fnbp.MLP((4, 3), loss="hinge"), ValueError,
+     "unknown loss 'hinge'"),
+    ("mlp-squashed-logits", lambda w: fnbp.MLP((4, 3), output_activation="sigmoid"),
+     ValueError, "output_activation must be 'identity'"),
+    ("init-unknown-scheme", lambda w: fnbp.init_params(jax.random.key(0), MODEL, "xavier"),
+     ValueError, "unknown init scheme 'xavier'"),
+    ("init-int-key", lambda w: fnbp.init_params(0, MODEL), TypeError,
+     "key must be a single JAX PRNG key"),
+    ("init-int-dtype", lambda w: fnbp.init_params(jax.random.key(0), MODEL, dtype=jnp.int32),
+     TypeError, "floating dtype"),
+    ("init-negative-std", lambda w: fnbp.normal_scheme(-1.0), ValueError,
+     "std must be a finite number > 0"),
+    ("x-wrong-width", lambda w: fnbp.forward(_params(), MODEL, X[:, :3]), ValueError,
+     "x must have shape (batch, 4)"),
+    ("x-wrong-rank", lambda w: fnbp.forward(_params(), MODEL, X[None]), ValueError,
+     "x must have shape (batch, 4)"),
+    ("x-int-dtype", lambda w: fnbp.forward(_params(), MODEL, jnp.ones((5, 4), jnp.int32)),
+     TypeError, "x must be a floating array"),
+    ("x-not-an-array", lambda w: fnbp.forward(_params(), MODEL, [[0.0] * 4]), TypeError,
+     "x must be an array"),
+    ("label-out-of-range", lambda w: fnbp.loss(_params(), MODEL, X, Y.at[2].set(3)),
+     ValueError, "labels must lie in [0, 3)"),
+    ("label-negative", lambda w: fnbp.backprop(_params(), MODEL, X, Y.at[0].set(-1)),
+     ValueError, "class labels in [-1, 2]"),
+    ("y-wrong-rows", lambda w: fnbp.loss(_params(), MODEL, X, Y[:4]), ValueError,
+     "y must have 5 rows"),
+    ("y-wrong-width", lambda w: fnbp.loss(_params(), MODEL, X, jnp.ones((5, 4))), ValueError,
+     "has 3 outputs"),
+    ("params-missing-layer", lambda w: fnbp.backprop(_params()[:1], MODEL, X, Y), ValueError,
+     "params has 1 layers but the model sizes (4, 6, 3) need 2"),
+    ("params-transposed-W", lambda w: fnbp.backprop(
+        [dict(_params()[0], W=_params()[0]["W"].T), _params()[1]], MODEL, X, Y),
+     ValueError, "params[0]['W'] (layer 1) must have shape (6, 4)"),
+    ("params-int-dtype", lambda w: fnbp.backprop(
+        [{k: v.astype(jnp.int32) for k, v in p.items()} for p in _params()], MODEL, X, Y),
+     TypeError, "must be a floating array"),
+    ("l2-negative", lambda w: fnbp.backprop(_params(), MODEL, X, Y, l2=-0.1), ValueError,
+     "l2 must be a finite number >= 0"),
+    ("l2-nan", lambda w: fnbp.loss(_params(), MODEL, X, Y, l2=math.nan), ValueError,
+     "l2 must be a finite number >= 0"),
+    ("optimizer-not-optax", lambda w: fnbp.make_train_step(MODEL, "sgd"), TypeError,
+     "optimizer must be an optax.GradientTransformation"),
+    ("grads-unknown", lambda w: fnbp.make_train_step(MODEL, optax.sgd(0.1), grads="numeric"),
+     ValueError, "grads must be one of"),
+    ("epochs-zero", lambda w: _fit(epochs=0), ValueError, "epochs must be a positive int"),
+    ("batch-size-zero", lambda w: _fit(batch_size=0), ValueError,
+     "batch_size must be a positive int"),
+    ("batch-size-over-n", lambda w: _fit(batch_size=6), ValueError,
+     "batch_size 6 exceeds the 5 training examples"),
+    ("fit-nan-x", lambda w: _fit(x=_with(X, (1, 2), np.nan)), ValueError,
+     "x_train holds 1 NaN or Inf values (rows [1])"),
+    ("fit-inf-targets", lambda w: _fit(y=_with(np.zeros((5, 2)), (4, 0), np.inf),
+                                       model=REGRESSOR),
+     ValueError, "y_train holds 1 NaN or Inf values (rows [4])"),
+    ("fit-empty", lambda w: _fit(x=X[:0], y=Y[:0]), ValueError, "x_train is empty"),
+    ("fit-nan-test-data", lambda w: _fit(x_test=_with(X, 0, np.inf), y_test=Y), ValueError,
+     "x_test holds 4 NaN or Inf values"),
+    ("fit-unknown-guard", lambda w: _fit(on_nonfinite="ignore"), ValueError,
+     "on_nonfinite must be one of ('stop', 'skip')"),
+    ("fit-checkpoint-folder-in-use", lambda w: (
+        _fit(checkpoint_dir=w / "ckpt"), _fit(checkpoint_dir=w / "ckpt")), ValueError,
+     "already holds checkpoints"),
+    ("crosscheck-bad-step", lambda w: fnbp.crosscheck(_params(), MODEL, X, Y, fd_step=0.0),
+     ValueError, "fd_step must be a number in (0, 1)"),
+    ("mesh-too-many-devices", lambda w: train.data_mesh(len(jax.devices()) + 1), ValueError,
+     "devices must be 1 to"),
+    ("save-params-mismatched", lambda w: fnbp.save_params(w / "params.npz", _params()[:1],
+                                                         MODEL),
+     ValueError, "params has 1 layers"),
+    ("save-params-missing-folder", lambda w: fnbp.save_params(w / "no" / "p.npz", _params(),
+                                                             MODEL),
+     FileNotFoundError, "No such file or directory"),
+    ("load-params-junk", lambda w: fnbp.load_params(w / "junk.npz"), ValueError,
+     "junk.npz: not a valid fnbp params file"),
+    ("load-checkpoint-junk", lambda w: checkpoint.load_checkpoint(w / "junk.npz",
+                                                                  optax.sgd(0.1)),
+     ValueError, "junk.npz: not a readable fnbp checkpoint"),
+    ("load-checkpoint-params-file", lambda w: checkpoint.load_checkpoint(w / "params.npz",
+                                                                         optax.sgd(0.1)),
+     ValueError, "params.npz: not a readable fnbp checkpoint"),
+    # data loaders
+    ("digits-test-fraction", lambda w: data.load_digits(test_fraction=1.5), ValueError,
+     "test_fraction must lie in (0, 1)"),
+    ("digits-unknown-scale", lambda w: data.load_digits(scale="minmax"), ValueError,
+     "scale must be 'standardize' or 'unit'"),
+    ("mnist1d-too-few", lambda w: data.load_mnist1d(num_samples=5), ValueError,
+     "num_samples must be >= 20"),
+    ("teacher-student-noise", lambda w: data.teacher_student(jax.random.key(0), noise=-1.0),
+     ValueError, "noise must be >= 0"),
+    ("teacher-student-empty", lambda w: data.teacher_student(jax.random.key(0), n_train=0),
+     ValueError, "n_train and n_test must be >= 1"),
+    ("mnist-missing-folder", lambda w: data.load_mnist(w / "nowhere"), FileNotFoundError,
+     "does not exist"),
+    ("mnist-missing-file", lambda w: data.load_mnist(w / "mnist-missing-file"),
+     FileNotFoundError, "lacks t10k-images-idx3-ubyte[.gz]"),
+    ("mnist-bad-magic", lambda w: data.load_mnist(w / "mnist-bad-magic"), ValueError,
+     "train-labels-idx1-ubyte: not an IDX file (bad magic number"),
+    ("mnist-nan-pixels", lambda w: data.load_mnist(w / "mnist-nan"), ValueError,
+     "mnist-nan/train-images-idx3-ubyte: holds 1 NaN or Inf values"),
+    ("mnist-empty", lambda w: data.load_mnist(w / "mnist-empty"), ValueError,
+     "mnist-empty/train-images-idx3-ubyte: holds no examples"),
+    ("mnist-label-10", lambda w: data.load_mnist(w / "mnist-label-10"), ValueError,
+     "labels must lie in 0..9"),
+    ("batches-mismatched-rows", lambda w: list(data.batches(jax.random.key(0), X, Y[:4], 2)),
+     ValueError, "x has 5 rows but y has 4"),
+    ("epoch-batches-over-n", lambda w: data.epoch_batches(jax.random.key(0), X, Y, 6),
+     ValueError, "batch_size 6 exceeds the 5 examples"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("call, error, match", [c[1:] for c in API], ids=[c[0] for c in API])
+def test_bad_api_input_gets_a_clear_error_and_writes_nothing(world, call, error, match):
+    before = _snapshot(world)
+    with pytest.raises(error) as e:
+        call(world)
+    assert type(e.value) is error, f"{type(e.value).__name__}: {e.value}"
+    assert match in str(e.value), str(e.value)
+    after = _snapshot(world)
+    after.pop("ckpt", None)  # the checkpoint-folder row's first, good run
+    assert {k: v for k, v in after.items() if not k.startswith("ckpt/")} == before
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: exit code 2 and one line
+
+SMALL = ["--sizes", "64,8,10", "--epochs", "1", "--no-progress"]
+CLI = [
+    ("sizes-one", ["train", "--sizes", "64"], "fnbp: error: MLP: sizes needs at least two"),
+    ("sizes-not-ints", ["train", "--sizes", "64,x,10"], "--sizes must be comma-separated"),
+    ("lr-zero", ["train", "--lr", "0"], "argument --lr: must be > 0"),
+    ("lr-nan", ["train", "--lr", "nan"], "argument --lr: must be > 0"),
+    ("epochs-zero", ["train", "--epochs", "0"], "argument --epochs: must be > 0"),
+    ("epochs-float", ["train", "--epochs", "1.5"], "argument --epochs: expected a int"),
+    ("batch-size-zero", ["train", "--batch-size", "0"], "argument --batch-size: must be > 0"),
+    ("batch-size-over-n", ["train", *SMALL, "--batch-size", "2000"],
+     "--batch-size 2000 exceeds the 1437 training examples"),
+    ("l2-negative", ["train", "--l2", "-1"], "argument --l2: must be >= 0"),
+    ("l2-inf", ["train", "--l2", "inf"], "argument --l2: must be >= 0 (and finite)"),
+    ("momentum-negative", ["train", "--momentum", "-0.5"], "argument --momentum: must be >= 0"),
+    ("unknown-activation", ["train", "--activation", "swish"],
+     "argument --activation: invalid choice: 'swish'"),
+    ("unknown-init", ["train", "--init", "xavier"], "argument --init: invalid choice"),
+    ("unknown-dataset", ["train", "--dataset", "cifar"], "argument --dataset: invalid choice"),
+    ("unknown-loss", ["train", "--loss", "hinge"], "argument --loss: invalid choice"),
+    ("unknown-option", ["train", "--learning-rate", "0.1"],
+     "unrecognized arguments: --learning-rate"),
+    ("unknown-command", ["fly"], "argument command: invalid choice: 'fly'"),
+    ("sizes-do-not-fit", ["train", *SMALL[2:], "--sizes", "64,8,3"],
+     "does not fit dataset digits: it has 64 features and 10 outputs"),
+    ("regression-with-ce", ["train", *SMALL[2:], "--dataset", "teacher_student", "--loss",
+                            "softmax_cross_entropy"], "is a regression task: use --loss mse"),
+    ("mnist-without-folder", ["train", *SMALL, "--dataset", "mnist"],
+     "--dataset mnist needs --data-dir"),
+    ("mnist-missing-folder", ["train", *SMALL, "--dataset", "mnist", "--data-dir", "nowhere"],
+     "MNIST folder 'nowhere' does not exist"),
+    ("mnist-malformed", ["train", "--sizes", "784,8,10", "--epochs", "1", "--dataset", "mnist",
+                         "--data-dir", "mnist-bad-magic"], "not an IDX file (bad magic number"),
+    ("mnist-nan", ["train", "--sizes", "784,8,10", "--epochs", "1", "--dataset", "mnist",
+                   "--data-dir", "mnist-nan"], "train-images-idx3-ubyte: holds 1 NaN or Inf"),
+    ("out-exists", ["train", *SMALL, "--out", "old-run"],
+     "--out old-run already exists and is not empty; pass --overwrite"),
+    ("out-is-a-file", ["train", *SMALL, "--out", "a-file"], "--out a-file is a file"),
+    ("out-under-a-file", ["train", *SMALL, "--out", "a-file/run"],
+     "--out a-file/run: cannot create the run folder (Not a directory)"),
+    ("out-unwritable", ["train", *SMALL, "--out", "/proc/fnbp-run"],
+     "--out /proc/fnbp-run: cannot create the run folder"),
+    ("checkpoint-every-zero", ["train", "--checkpoint-every", "0"],
+     "argument --checkpoint-every: must be > 0"),
+    ("devices-zero", ["train", "--devices", "0"], "argument --devices: expected a positive int"),
+    ("devices-too-many", ["train", *SMALL, "--devices", "64"], "--devices 64: devices must be"),
+    ("unknown-guard", ["train", "--on-nonfinite", "ignore"], "argument --on-nonfinite"),
+    ("resume-missing", ["train", "--resume", "nowhere"], "--resume nowhere: no such run folder"),
+    ("resume-not-a-run", ["train", "--resume", "old-run"], "it has no config.json"),
+    ("resume-with-options", ["train", "--resume", "old-run", "--lr", "0.1"], "drop --lr"),
+    ("check-one-size", ["check", "--sizes", "64"], "sizes needs at least two entries"),
+    ("check-unknown-dtype", ["check", "--dtype", "float16"], "argument --dtype: invalid choice"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("argv, match", [c[1:] for c in CLI], ids=[c[0] for c in CLI])
+def test_bad_command_line_exits_2_with_one_line_and_writes_nothing(world, argv, match):
+    before = _snapshot(world)
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            rc = main(argv)
+        except SystemExit as e:  # argparse's own errors
+            rc = e.code
+    lines = err.getvalue().strip().splitlines()
+    assert rc == 2, err.getvalue()
+    assert len(lines) == 1 and "error: " in lines[0] and "Traceback" not in lines[0], lines
+    assert match in lines[0], lines[0]
+    assert out.getvalue() == ""
+    assert _snapshot(world) == before
+
+
+def test_the_catalogue_covers_at_least_25_bad_inputs_of_each_kind():
+    assert len(API) >= 25 and len(CLI) >= 25
+    assert len({c[0] for c in API}) == len(API) and len({c[0] for c in CLI}) == len(CLI)
