@@ -5,9 +5,10 @@ hand-written backward pass (:func:`backprop`) and by ``jax.grad`` (:func:`autodi
 and :func:`crosscheck` shows that they agree, with finite differences as a third witness.
 """
 
-from fnbp import data, diagnostics, report, theory
+from fnbp import checkpoint, data, diagnostics, report, theory
 from fnbp.activations import ACTIVATIONS, Activation
 from fnbp.backprop import Backprop, backprop, per_example_grads
+from fnbp.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fnbp.crosscheck import CrosscheckReport, autodiff_grads, crosscheck
 from fnbp.diagnostics import layer_stats
 from fnbp.flax_interop import FlaxMLP, from_flax, to_flax
@@ -23,6 +24,9 @@ from fnbp.io import load_params, save_params
 from fnbp.losses import LOSSES, Loss
 from fnbp.model import MLP, accuracy, forward, loss
 from fnbp.train import (
+    Interrupted,
+    NonFiniteError,
+    data_mesh,
     fit,
     init_population,
     make_population_epoch,
@@ -36,18 +40,23 @@ __all__ = [
     "ACTIVATIONS",
     "LOSSES",
     "MLP",
+    "NonFiniteError",
     "SCHEMES",
     "Activation",
     "Backprop",
+    "Checkpoint",
     "CrosscheckReport",
     "FlaxMLP",
     "InitScheme",
+    "Interrupted",
     "Loss",
     "accuracy",
     "autodiff_grads",
     "backprop",
+    "checkpoint",
     "crosscheck",
     "data",
+    "data_mesh",
     "diagnostics",
     "fit",
     "forward",
@@ -55,6 +64,7 @@ __all__ = [
     "init_params",
     "init_population",
     "layer_stats",
+    "load_checkpoint",
     "load_params",
     "loss",
     "make_population_epoch",
@@ -63,6 +73,7 @@ __all__ = [
     "normal_scheme",
     "per_example_grads",
     "report",
+    "save_checkpoint",
     "save_params",
     "sigma_w2",
     "theory",

@@ -9,7 +9,9 @@ import fnbp
 ISSUE_API = [
     "MLP", "init_params", "forward", "loss", "backprop", "autodiff_grads", "crosscheck",
     "per_example_grads", "make_train_step", "make_train_epoch", "make_population_epoch",
-    "init_population", "fit", "to_flax", "from_flax", "data", "theory",
+    "init_population", "fit", "to_flax", "from_flax", "data", "theory", "checkpoint",
+    "Checkpoint", "save_checkpoint", "load_checkpoint", "NonFiniteError", "Interrupted",
+    "data_mesh",
 ]  # fmt: skip
 
 
