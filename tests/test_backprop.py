@@ -193,6 +193,28 @@ def test_extreme_logits_give_finite_grads_equal_to_jax_grad():
     chex.assert_trees_all_close(result.grads, reference, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+def test_a_unit_of_slope_zero_passes_back_zero_even_when_the_error_reaching_it_overflows(jit):
+    """A dead ReLU unit whose outgoing weight is 1e30 receives Wᵀδ = 1e10·1e30 = ∞ in float32.
+    Its slope is 0, so its δ is 0 (as jax.grad's select makes it), not 0·∞ = NaN, and the
+    whole gradient stays finite. Under jit, XLA happens to turn the mask product into a select
+    on CPU; run eagerly, the product is carried out as written."""
+    model = fnbp.MLP((1, 2, 1), "relu", "mse")
+    params = [
+        {"W": jnp.array([[1e10], [-1.0]]), "b": jnp.zeros(2)},  # a⁽¹⁾ = (1e10, 0)
+        {"W": jnp.array([[1.0, 1e30]]), "b": jnp.zeros(1)},  # z⁽²⁾ = 1e10, δ⁽²⁾ = 1e10
+    ]
+    x, y = jnp.ones((1, 1)), jnp.zeros((1, 1))
+    _, reference = fnbp.autodiff_grads(params, model, x, y)
+    chex.assert_tree_all_finite(reference)
+    with jax.disable_jit(not jit):
+        result = fnbp.backprop(params, model, x, y)
+    np.testing.assert_array_equal(np.asarray(result.deltas[0]), [[1e10, 0.0]])
+    chex.assert_tree_all_finite(result.grads)
+    # float32: both are the same few products of powers of ten, rounded once each.
+    chex.assert_trees_all_close(result.grads, reference, rtol=1e-6, atol=0)
+
+
 def test_per_example_grads_match_vmap_of_jax_grad_and_average_to_the_batch_grad():
     model = fnbp.MLP((6, 8, 3), "tanh")
     params = fnbp.init_params(jax.random.key(0), model)
