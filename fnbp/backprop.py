@@ -10,6 +10,12 @@ rows, the error signal ``δ⁽ˡ⁾ = ∂L/∂z⁽ˡ⁾`` obeys::
 
 Rows are examples, so ``Wᵀδ`` is ``δ @ W`` in code and ``Σₙ δ aᵀ`` is ``δ.T @ a``.
 
+A unit whose slope is exactly 0 (a dead ReLU, a sigmoid saturated to 0 or 1) passes back
+exactly 0, even where ``W⁽ˡ⁺¹⁾ᵀ δ⁽ˡ⁺¹⁾`` has overflowed to ±∞: the product would be 0·∞ = NaN,
+while ``jax.grad`` selects 0 for the ReLU's dead side. The output δ of the cross-entropies is
+``p − y`` from a stable softmax or sigmoid (:mod:`fnbp.losses`), never a derivative of a
+``log p`` that could be ``log 0``.
+
 Each layer kind contributes a local rule: the affine map its :func:`dense_backward`, the
 activation its ``f′`` (:mod:`fnbp.activations`), the loss its output δ (:mod:`fnbp.losses`). A
 new kind of layer is a new local rule beside these, not a rewrite of the loop.
@@ -85,7 +91,8 @@ def _backprop(params: Params, model: MLP, x: Array, y: Array, l2) -> Backprop:
         grads[l], back = dense_backward(params[l - 1], a[l - 1], delta[l], l2)
         if l > 1:
             f_prime = model.layer_activation(l - 1).df(z[l - 1], a[l - 1])
-            delta[l - 1] = f_prime * back  # δ⁽ˡ⁻¹⁾ = f′(z⁽ˡ⁻¹⁾) ⊙ (W⁽ˡ⁾ᵀ δ⁽ˡ⁾)
+            # δ⁽ˡ⁻¹⁾ = f′(z⁽ˡ⁻¹⁾) ⊙ (W⁽ˡ⁾ᵀ δ⁽ˡ⁾); a unit of slope 0 passes back 0, even ∞
+            delta[l - 1] = jnp.where(f_prime == 0, 0, f_prime * back)
     return Backprop(loss, grads[1:], delta[1:], z[1:], a[1:])
 
 

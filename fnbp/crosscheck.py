@@ -216,23 +216,27 @@ class CrosscheckReport:
 def _errors(manual, ref, rtol, mask=None, atol_entry=0.0):
     """Per-leaf (relative error, passed) of manual against ref, over the entries in mask.
 
-    A leaf passes when ‖Δ‖ ≤ rtol·max(‖g_ref‖, _FLOOR·‖g_ref_all‖) + atol_entry·√entries.
+    A leaf passes when ‖Δ‖ ≤ rtol·max(‖g_ref‖, _FLOOR·‖g_ref_all‖) + ‖atol‖, where ``atol`` is
+    ``atol_entry`` for every entry (so ‖atol‖ = atol_entry·√entries), or, when ``atol_entry``
+    is a tree like ``ref``, each entry's own tolerance.
     """
     leaves_m, leaves_r = jax.tree.leaves(manual), jax.tree.leaves(ref)
     masks = jax.tree.leaves(mask) if mask is not None else [None] * len(leaves_m)
-    diffs, norms, counts = [], [], []
-    for gm, gr, keep in zip(leaves_m, leaves_r, masks, strict=True):
+    atols = [atol_entry] * len(leaves_r) if np.isscalar(atol_entry) else jax.tree.leaves(atol_entry)
+    diffs, norms, slack = [], [], []
+    for gm, gr, keep, atol in zip(leaves_m, leaves_r, masks, atols, strict=True):
         gm, gr = np.asarray(gm, np.float64), np.asarray(gr, np.float64)
+        atol = np.broadcast_to(np.asarray(atol, np.float64), gr.shape)
         if keep is not None:
-            gm, gr = gm[np.asarray(keep)], gr[np.asarray(keep)]
+            gm, gr, atol = gm[np.asarray(keep)], gr[np.asarray(keep)], atol[np.asarray(keep)]
         diffs.append(float(np.linalg.norm(gm - gr)))
         norms.append(float(np.linalg.norm(gr)))
-        counts.append(gr.size)
+        slack.append(float(np.linalg.norm(atol)))
     total = math.sqrt(sum(n * n for n in norms))
     out = []
-    for d, n, c in zip(diffs, norms, counts, strict=True):
+    for d, n, a in zip(diffs, norms, slack, strict=True):
         rel = d / n if n > 0 else (0.0 if d == 0 else math.inf)
-        out.append((rel, bool(d <= rtol * max(n, _FLOOR * total) + atol_entry * math.sqrt(c))))
+        out.append((rel, bool(d <= rtol * max(n, _FLOOR * total) + a)))
     return out
 
 

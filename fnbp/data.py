@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -137,6 +138,10 @@ def load_mnist1d(seed: int = 0, num_samples: int = 5000) -> Dataset:
 # MNIST IDX files.
 
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+# The most data read_idx accepts by default: 2 GiB. MNIST's largest file, the training images,
+# holds 47,040,000 bytes of data; a header that claims more than this is refused before
+# anything is read, and a gzip stream is never decompressed past it.
+MAX_IDX_BYTES = 2**31
 _MNIST_FILES = {
     "x_train": "train-images-idx3-ubyte",
     "y_train": "train-labels-idx1-ubyte",
@@ -157,17 +162,32 @@ def _read_at_most(f, limit: int, chunk: int = 1 << 20) -> bytes:
     return b"".join(parts)
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
+def read_idx(path: str | os.PathLike, *, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
     """Read one IDX file (optionally gzip-compressed, by a ``.gz`` suffix).
 
     The header (magic ``00 00 <dtype> <ndim>``, then ``ndim`` big-endian uint32 sizes) is
-    validated against the data that follows before anything is allocated: a forged header
-    cannot make it allocate more than the file holds or read past its end.
+    validated before anything is allocated: the size it claims must be at most ``max_bytes``
+    and, for a plain file, equal to what the file holds. A gzip stream is decompressed only
+    up to the claimed size (plus one byte, to detect excess), so a forged header or a gzip
+    "bomb" cannot make it allocate more than about twice ``min(claimed, max_bytes)``, nor
+    read past the end of the data.
+
+    Arguments:
+        path: the file; a ``.gz`` suffix means gzip-compressed.
+        max_bytes: the largest data size (in bytes, after decompression) to accept; the
+            default :data:`MAX_IDX_BYTES` (2 GiB) is 45 times MNIST's largest file.
+
+    Returns:
+        An array of the header's dims and dtype, in native byte order.
 
     Raises:
-        ValueError: naming the file, for a bad magic number, dtype code, dimension count, or a
-            length that does not match the header.
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: naming the file, for a bad magic number, dtype code or dimension count, a
+            claimed size above ``max_bytes``, a length that does not match the header, or a
+            corrupt gzip stream.
     """
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) or max_bytes < 1:
+        raise ValueError(f"max_bytes must be a positive int, got {max_bytes!r}")
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
@@ -186,6 +206,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
             dims = tuple(int(d) for d in np.frombuffer(dims_raw, ">u4"))
             dtype = np.dtype(_IDX_DTYPES[head[2]])
             expected = int(np.prod(dims, dtype=object)) * dtype.itemsize
+            if expected > max_bytes:
+                raise ValueError(
+                    f"{path}: header says {dims} of {dtype.name} ({expected} bytes), more than "
+                    f"max_bytes={max_bytes}; if the file is genuine, pass a larger max_bytes"
+                )
             if path.suffix != ".gz":
                 available = path.stat().st_size - 4 - 4 * ndim
                 if available != expected:
@@ -193,13 +218,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
                         f"{path}: header says {dims} of {dtype.name} ({expected} bytes) but the "
                         f"file holds {available} bytes of data"
                     )
-            data = _read_at_most(
-                f, expected + 1
-            )  # what the header promises, plus one to see excess
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+            data = _read_at_most(f, expected + 1)  # what the header promises, plus one
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         if isinstance(e, FileNotFoundError):
             raise FileNotFoundError(f"{path}: no such IDX file") from None
-        raise ValueError(f"{path}: cannot read IDX file ({e})") from None
+        raise ValueError(f"{path}: cannot read IDX file ({type(e).__name__}: {e})") from None
     if len(data) != expected:
         raise ValueError(
             f"{path}: header says {dims} of {dtype.name} ({expected} bytes) but the file holds "
@@ -208,15 +231,19 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(data, dtype).reshape(dims).astype(dtype.newbyteorder("="))
 
 
-def load_mnist(folder: str | os.PathLike) -> Dataset:
+def load_mnist(folder: str | os.PathLike, *, max_bytes: int = MAX_IDX_BYTES) -> Dataset:
     """MNIST from the four standard IDX files in ``folder`` (plain or ``.gz``).
 
     Pixels are flattened to 784 features, scaled to [0, 1], centred per feature and scaled by
-    the overall std of the training set; labels are int32 in 0..9.
+    the overall std of the training set; labels are int32 in 0..9. Each file is read by
+    :func:`read_idx` with the given ``max_bytes``.
 
     Raises:
         FileNotFoundError: if the folder or a file is missing (the message lists the names).
-        ValueError: for malformed files, mismatched counts, or labels outside 0..9.
+        ValueError: naming the file or split, for malformed files (see :func:`read_idx`), a
+            file of no examples or holding NaN or Inf, images that are not a non-empty
+            ``(n, rows, cols)`` stack of one size in both splits, non-integer labels,
+            mismatched counts, or labels outside 0..9.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -229,7 +256,7 @@ def load_mnist(folder: str | os.PathLike) -> Dataset:
                 f"MNIST folder {str(folder)!r} lacks {stem}[.gz]; it needs "
                 f"{', '.join(_MNIST_FILES.values())}"
             )
-        arrays[field] = v = read_idx(path)
+        arrays[field] = v = read_idx(path, max_bytes=max_bytes)
         if len(v) == 0:
             raise ValueError(f"{path}: holds no examples (its first dimension is 0)")
         if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v)):
@@ -237,13 +264,20 @@ def load_mnist(folder: str | os.PathLike) -> Dataset:
             raise ValueError(f"{path}: holds {bad} NaN or Inf values")
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y) or 0 in x.shape:
             raise ValueError(
                 f"MNIST {split}: images of shape {x.shape} and labels of shape {y.shape} do not "
-                f"match (want (n, rows, cols) and (n,))"
+                f"match (want (n, rows, cols) and (n,), n, rows and cols at least 1)"
             )
-        if len(y) and (y.min() < 0 or y.max() > 9):
+        if not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"MNIST {split}: labels must be integers, got dtype {y.dtype}")
+        if y.min() < 0 or y.max() > 9:
             raise ValueError(f"MNIST {split}: labels must lie in 0..9, got {y.min()}..{y.max()}")
+    if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
+        raise ValueError(
+            f"MNIST: train images are {arrays['x_train'].shape[1:]} but test images are "
+            f"{arrays['x_test'].shape[1:]}"
+        )
     flat = lambda v: v.reshape(len(v), -1).astype(np.float32) / 255.0  # noqa: E731
     x_tr, x_te = _standardize(flat(arrays["x_train"]), flat(arrays["x_test"]))
     return _finite(

@@ -126,8 +126,11 @@ def forward_trace(params: Params, model: MLP, x: Array) -> tuple[list, list]:
 
 
 def l2_penalty(params: Params, l2) -> Array:
-    """(λ/2) Σₗ ‖W⁽ˡ⁾‖²_F. Biases are not decayed."""
-    return 0.5 * l2 * sum(jnp.sum(p["W"] ** 2) for p in params)
+    """(λ/2) Σₗ ‖W⁽ˡ⁾‖²_F. Biases are not decayed.
+
+    Exactly 0 for λ = 0, even where ‖W‖² overflows (0·∞ would make the whole loss NaN).
+    """
+    return jnp.where(l2 == 0, 0, 0.5 * l2 * sum(jnp.sum(p["W"] ** 2) for p in params))
 
 
 def _loss(params, model, x, y, l2):

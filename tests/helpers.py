@@ -1,5 +1,6 @@
 """Shared test helpers: random data that fits a model, random architectures, IDX files."""
 
+import gzip
 import struct
 
 import jax
@@ -41,6 +42,16 @@ def idx_bytes(arr, code: int = 0x08, big_endian_dtype: str = ">u1") -> bytes:
     return head + np.asarray(arr).astype(big_endian_dtype).tobytes()
 
 
+def write_file(path, payload: bytes):
+    """Write ``payload`` to ``path``, gzip-compressed when the name ends in ``.gz``."""
+    if path.suffix == ".gz":
+        with gzip.open(path, "wb") as f:
+            f.write(payload)
+    else:
+        path.write_bytes(payload)
+    return path
+
+
 MNIST_NAMES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -49,16 +60,19 @@ MNIST_NAMES = (
 )
 
 
-def write_mnist(folder, n_train=12, n_test=6):
-    """A small, valid MNIST folder: the four IDX files, uint8 images and labels 0..9."""
-    rng = np.random.default_rng(0)
+def write_mnist(folder, arrays=None, suffix=""):
+    """An MNIST folder of the four IDX files holding ``arrays`` (train images, train labels,
+    test images, test labels); by default a small valid set: 12 and 6 random uint8 images of
+    28×28, labels 0..9."""
+    if arrays is None:
+        rng = np.random.default_rng(0)
+        arrays = [
+            rng.integers(0, 256, (12, 28, 28), dtype=np.uint8),
+            (np.arange(12) % 10).astype(np.uint8),
+            rng.integers(0, 256, (6, 28, 28), dtype=np.uint8),
+            (np.arange(6) % 10).astype(np.uint8),
+        ]
     folder.mkdir(parents=True, exist_ok=True)
-    arrays = [
-        rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-        (np.arange(n_train) % 10).astype(np.uint8),
-        rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-        (np.arange(n_test) % 10).astype(np.uint8),
-    ]
     for name, arr in zip(MNIST_NAMES, arrays, strict=True):
-        (folder / name).write_bytes(idx_bytes(arr))
+        write_file(folder / (name + suffix), idx_bytes(arr))
     return folder

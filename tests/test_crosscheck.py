@@ -163,3 +163,18 @@ def test_crosscheck_rejects_a_bad_step():
     x, y = random_data(jax.random.key(1), model, 5)
     with pytest.raises(ValueError, match="fd_step"):
         fnbp.crosscheck(params, model, x, y, fd_step=0.0)
+
+
+def test_leaf_errors_take_a_scalar_or_a_per_entry_absolute_tolerance():
+    ref = [{"W": np.array([[1.0, 0.0]]), "b": np.array([0.0])}]
+    manual = [{"W": np.array([[1.0, 3e-3]]), "b": np.array([4e-3])}]
+    # Alone, rtol 1e-6 of max(‖g‖, 1e-3·‖g_all‖) = 1e-6 allows neither difference.
+    assert [ok for _, ok in crosscheck_module._errors(manual, ref, 1e-6)] == [False, False]
+    # A scalar atol_entry allows atol·√entries per leaf: 3e-3·√2 ≥ 3e-3, but 3e-3 < 4e-3.
+    scalar = crosscheck_module._errors(manual, ref, 1e-6, atol_entry=3e-3)
+    assert [ok for _, ok in scalar] == [True, False]
+    # A tree gives each entry its own: the leaf passes when ‖Δ‖ ≤ rtol·… + ‖atol‖.
+    per_entry = [{"W": np.array([[0.0, 3e-3]]), "b": np.array([3.9e-3])}]
+    errors = crosscheck_module._errors(manual, ref, 1e-6, atol_entry=per_entry)
+    assert [ok for _, ok in errors] == [True, False]
+    assert errors[0][0] == pytest.approx(3e-3)  # the relative error itself is unchanged

@@ -1,14 +1,21 @@
 """Tests of fnbp/data.py: the loaders, the IDX reader and the mini-batching."""
 
+import contextlib
 import gzip
+import io
+import signal
 import struct
 import time
 import tracemalloc
+import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import idx_bytes, write_file, write_mnist
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 from fnbp import data
 from fnbp.initializers import init_params
@@ -157,21 +164,6 @@ def test_mnist1d_rejects_fewer_than_20_samples():
 # IDX files and load_mnist
 
 
-def _idx_bytes(arr: np.ndarray, code: int = 0x08, big_endian_dtype: str = ">u1") -> bytes:
-    """An IDX file: 00 00 <dtype code> <ndim>, ndim big-endian uint32 sizes, big-endian data."""
-    head = bytes([0, 0, code, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
-    return head + np.asarray(arr).astype(big_endian_dtype).tobytes()
-
-
-def _write(path, payload: bytes):
-    if path.suffix == ".gz":
-        with gzip.open(path, "wb") as f:
-            f.write(payload)
-    else:
-        path.write_bytes(payload)
-    return path
-
-
 def _mnist_arrays():
     rng = np.random.default_rng(0)
     x_tr = rng.integers(0, 256, (12, 28, 28), dtype=np.uint8)
@@ -181,23 +173,10 @@ def _mnist_arrays():
     return x_tr, y_tr, x_te, y_te
 
 
-def _write_mnist(folder, arrays, suffix=""):
-    folder.mkdir(parents=True, exist_ok=True)
-    names = (
-        "train-images-idx3-ubyte",
-        "train-labels-idx1-ubyte",
-        "t10k-images-idx3-ubyte",
-        "t10k-labels-idx1-ubyte",
-    )
-    for name, arr in zip(names, arrays, strict=True):
-        _write(folder / (name + suffix), _idx_bytes(arr))
-    return folder
-
-
 @pytest.mark.parametrize("suffix", ["", ".gz"])
 def test_read_idx_reads_back_uint8_images(tmp_path, suffix):
     arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4) * 5
-    out = data.read_idx(_write(tmp_path / f"a{suffix}", _idx_bytes(arr)))
+    out = data.read_idx(write_file(tmp_path / f"a{suffix}", idx_bytes(arr)))
     assert out.dtype == np.uint8
     np.testing.assert_array_equal(out, arr)
 
@@ -214,14 +193,14 @@ def test_read_idx_reads_back_uint8_images(tmp_path, suffix):
 )
 def test_read_idx_decodes_big_endian_dtypes_to_native_order(tmp_path, code, be, native):
     arr = np.array([[-3, 2, 100], [7, -100, 0]], native)
-    out = data.read_idx(_write(tmp_path / "a", _idx_bytes(arr, code, be)))
+    out = data.read_idx(write_file(tmp_path / "a", idx_bytes(arr, code, be)))
     assert out.dtype == np.dtype(native) and out.dtype.isnative
     np.testing.assert_array_equal(out, arr)
 
 
 def test_load_mnist_reads_images_as_784_standardized_features_and_labels(tmp_path):
     x_tr, y_tr, x_te, y_te = arrays = _mnist_arrays()
-    ds = data.load_mnist(_write_mnist(tmp_path / "mnist", arrays))
+    ds = data.load_mnist(write_mnist(tmp_path / "mnist", arrays))
     assert ds.name == "mnist" and ds.num_classes == 10
     assert ds.x_train.shape == (12, 784) and ds.x_test.shape == (6, 784)
     assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
@@ -235,8 +214,8 @@ def test_load_mnist_reads_images_as_784_standardized_features_and_labels(tmp_pat
 
 def test_load_mnist_gz_files_give_the_same_dataset_as_plain_files(tmp_path):
     arrays = _mnist_arrays()
-    plain = data.load_mnist(_write_mnist(tmp_path / "plain", arrays))
-    gz = data.load_mnist(_write_mnist(tmp_path / "gz", arrays, suffix=".gz"))
+    plain = data.load_mnist(write_mnist(tmp_path / "plain", arrays))
+    gz = data.load_mnist(write_mnist(tmp_path / "gz", arrays, suffix=".gz"))
     for a, b in zip(plain[1:5], gz[1:5], strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -268,7 +247,7 @@ def test_load_mnist_gz_files_give_the_same_dataset_as_plain_files(tmp_path):
     ],
 )
 def test_read_idx_rejects_malformed_file_naming_the_path(tmp_path, suffix, payload, match):
-    path = _write(tmp_path / f"bad-file{suffix}", payload)
+    path = write_file(tmp_path / f"bad-file{suffix}", payload)
     with pytest.raises(ValueError, match=match) as e:
         data.read_idx(path)
     assert str(path) in str(e.value)
@@ -277,7 +256,7 @@ def test_read_idx_rejects_malformed_file_naming_the_path(tmp_path, suffix, paylo
 @pytest.mark.parametrize("suffix", ["", ".gz"])
 def test_read_idx_forged_huge_header_raises_value_error_quickly(tmp_path, suffix):
     payload = bytes([0, 0, 8, 2]) + struct.pack(">2I", 2**31, 2**31) + b"\0" * 16
-    path = _write(tmp_path / f"huge{suffix}", payload)
+    path = write_file(tmp_path / f"huge{suffix}", payload)
     start = time.perf_counter()
     with pytest.raises(ValueError) as e:
         data.read_idx(path)
@@ -290,7 +269,7 @@ def test_read_idx_forged_header_does_not_allocate_what_it_claims(tmp_path, suffi
     # A claimed 2**14 x 2**14 uint8 array is 256 MiB: allocatable, so an implementation that
     # trusted the header would show it in the peak; the file holds 16 bytes.
     payload = bytes([0, 0, 8, 2]) + struct.pack(">2I", 2**14, 2**14) + b"\0" * 16
-    path = _write(tmp_path / f"big{suffix}", payload)
+    path = write_file(tmp_path / f"big{suffix}", payload)
     tracemalloc.start()
     try:
         with pytest.raises(ValueError):
@@ -312,7 +291,7 @@ def test_load_mnist_missing_folder_raises_file_not_found(tmp_path):
 
 
 def test_load_mnist_missing_file_raises_file_not_found_naming_it(tmp_path):
-    folder = _write_mnist(tmp_path / "mnist", _mnist_arrays())
+    folder = write_mnist(tmp_path / "mnist", _mnist_arrays())
     (folder / "t10k-labels-idx1-ubyte").unlink()
     with pytest.raises(FileNotFoundError, match="lacks t10k-labels-idx1-ubyte"):
         data.load_mnist(folder)
@@ -320,7 +299,7 @@ def test_load_mnist_missing_file_raises_file_not_found_naming_it(tmp_path):
 
 def test_load_mnist_mismatched_image_and_label_counts_raise(tmp_path):
     x_tr, y_tr, x_te, y_te = _mnist_arrays()
-    folder = _write_mnist(tmp_path / "mnist", (x_tr, y_tr[:11], x_te, y_te))
+    folder = write_mnist(tmp_path / "mnist", (x_tr, y_tr[:11], x_te, y_te))
     with pytest.raises(ValueError, match="MNIST train"):
         data.load_mnist(folder)
 
@@ -329,16 +308,293 @@ def test_load_mnist_label_10_raises(tmp_path):
     x_tr, y_tr, x_te, y_te = _mnist_arrays()
     y_te = y_te.copy()
     y_te[2] = 10
-    folder = _write_mnist(tmp_path / "mnist", (x_tr, y_tr, x_te, y_te))
+    folder = write_mnist(tmp_path / "mnist", (x_tr, y_tr, x_te, y_te))
     with pytest.raises(ValueError, match=r"0\.\.9, got 0\.\.10"):
         data.load_mnist(folder)
 
 
 def test_load_mnist_images_with_wrong_rank_raise(tmp_path):
     x_tr, y_tr, x_te, y_te = _mnist_arrays()
-    folder = _write_mnist(tmp_path / "mnist", (x_tr.reshape(12, 784), y_tr, x_te, y_te))
+    folder = write_mnist(tmp_path / "mnist", (x_tr.reshape(12, 784), y_tr, x_te, y_te))
     with pytest.raises(ValueError, match="images of shape"):
         data.load_mnist(folder)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(dims=(1, 2**31), claim_only=True), "forged header"),
+        (dict(dims=(5,), corrupt_stream=True), "corrupt stream"),
+    ],
+)
+def test_read_idx_gz_errors_are_value_errors_naming_the_file(tmp_path, kwargs, name):
+    dims = kwargs["dims"]
+    head = bytes([0, 0, 8, len(dims)]) + struct.pack(f">{len(dims)}I", *dims)
+    packed = gzip.compress(head + bytes(range(5)))
+    if kwargs.get("corrupt_stream"):
+        # The first deflate byte (after the 10-byte gzip header) set to 0xff is a block of the
+        # reserved type 3: zlib raises zlib.error, which is not an OSError.
+        packed = packed[:10] + b"\xff" + packed[11:]
+        with pytest.raises(zlib.error):
+            gzip.decompress(packed)
+    path = tmp_path / "f.gz"
+    path.write_bytes(packed)
+    with pytest.raises(ValueError) as e:
+        data.read_idx(path)
+    assert str(path) in str(e.value), name
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ("no test images", "t10k-images-idx3-ubyte: holds no examples"),
+        ("rows of width 0", r"images of shape \(12, 0, 28\) .* at least 1"),
+        ("5x5 test images", r"train images are \(28, 28\) but test images are \(5, 5\)"),
+        ("float labels", "labels must be integers, got dtype float32"),
+        ("NaN label", "train-labels-idx1-ubyte: holds 1 NaN or Inf values"),
+    ],
+)
+def test_load_mnist_rejects_valid_idx_files_that_are_not_mnist(tmp_path, change, match):
+    x_tr, y_tr, x_te, y_te = _mnist_arrays()
+    if change == "no test images":
+        x_te, y_te = x_te[:0], y_te[:0]
+    elif change == "rows of width 0":
+        x_tr = x_tr[:, :0]
+    elif change == "5x5 test images":
+        x_te = x_te[:, :5, :5]
+    folder = write_mnist(tmp_path / "mnist", (x_tr, y_tr, x_te, y_te))
+    if change in ("float labels", "NaN label"):  # NaN would become int32 -2147483648
+        labels = np.array([np.nan if change == "NaN label" else 0.0] + [1.0] * 11, np.float32)
+        write_file(folder / "train-labels-idx1-ubyte", idx_bytes(labels, 0x0D, ">f4"))
+    with pytest.raises(ValueError, match=match):
+        data.load_mnist(folder)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hostile IDX files: gzip bombs, random and mutated bytes.
+
+
+def _zeros_gz(path, head: bytes, zeros: int) -> int:
+    """Write ``head`` and ``zeros`` zero bytes as a gzip file, streaming (zeros compress
+    ~1000:1, so nothing large is ever held). Returns the compressed size."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 31: the gzip container
+    chunk = bytes(2**20)
+    with open(path, "wb") as f:
+        f.write(packer.compress(head))
+        for start in range(0, zeros, len(chunk)):
+            f.write(packer.compress(chunk[: min(len(chunk), zeros - start)]))
+        f.write(packer.flush())
+    return path.stat().st_size
+
+
+def _peak_bytes_of(fn):
+    """``(result or exception, peak traced bytes, seconds)`` of ``fn()``."""
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        out = fn()
+    except Exception as e:  # returned for the caller to judge
+        out = e
+    finally:
+        seconds = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return out, peak, seconds
+
+
+def test_read_idx_gzip_bomb_claiming_more_than_max_bytes_is_refused_before_decompressing(
+    tmp_path,
+):
+    # 64 MiB of zeros in ~65 KB, behind a header claiming 2**20 × 2**20 bytes (1 TiB).
+    path = tmp_path / "bomb.gz"
+    head = bytes([0, 0, 8, 2]) + struct.pack(">2I", 2**20, 2**20)
+    assert _zeros_gz(path, head, 64 * 2**20) < 2**17
+    out, peak, seconds = _peak_bytes_of(lambda: data.read_idx(path))
+    assert isinstance(out, ValueError) and str(path) in str(out)
+    assert "max_bytes=2147483648" in str(out) and "pass a larger max_bytes" in str(out)
+    assert peak < 2**20 and seconds < 1.0
+
+
+def test_read_idx_gzip_bomb_longer_than_its_header_is_decompressed_only_to_the_claim(tmp_path):
+    # The header claims 2 MiB, honestly under max_bytes; the stream decompresses to 64 MiB.
+    # Reading stops one byte past the claim, so memory follows the claim, not the stream.
+    path = tmp_path / "bomb.gz"
+    head = bytes([0, 0, 8, 2]) + struct.pack(">2I", 2**10, 2**11)
+    _zeros_gz(path, head, 64 * 2**20)
+    out, peak, seconds = _peak_bytes_of(lambda: data.read_idx(path))
+    assert isinstance(out, ValueError) and str(path) in str(out)
+    assert "(2097152 bytes) but the file holds 2097153+ bytes" in str(out)
+    assert peak < 3 * 2**21 + 2**20 and seconds < 1.0  # the read chunks, joined once
+
+
+def test_read_idx_max_bytes_caps_the_claimed_size_and_can_be_raised(tmp_path):
+    path = tmp_path / "zeros.gz"
+    _zeros_gz(path, bytes([0, 0, 8, 2]) + struct.pack(">2I", 2**10, 2**11), 2**21)
+    with pytest.raises(ValueError, match=r"\(2097152 bytes\), more than max_bytes=1048576"):
+        data.read_idx(path, max_bytes=2**20)
+    out = data.read_idx(path, max_bytes=2**21)  # exactly the claim is allowed
+    assert out.shape == (2**10, 2**11) and not out.any()
+    plain = write_file(tmp_path / "plain", idx_bytes(np.zeros((4, 4), np.uint8)))
+    with pytest.raises(ValueError, match="more than max_bytes=15"):
+        data.read_idx(plain, max_bytes=15)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2**31", None])
+def test_read_idx_rejects_a_max_bytes_that_is_not_a_positive_int(tmp_path, bad):
+    path = write_file(tmp_path / "a", idx_bytes(np.zeros(3, np.uint8)))
+    with pytest.raises(ValueError, match="max_bytes must be a positive int"):
+        data.read_idx(path, max_bytes=bad)
+
+
+def test_load_mnist_passes_max_bytes_to_every_file(tmp_path):
+    folder = write_mnist(tmp_path / "mnist", _mnist_arrays())
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.*max_bytes=9000"):
+        data.load_mnist(folder, max_bytes=9000)  # the training images hold 12·784 bytes
+    assert data.load_mnist(folder, max_bytes=12 * 784).x_train.shape == (12, 784)
+
+
+_SEED_ARRAYS = [
+    (np.arange(60, dtype=np.uint8).reshape(3, 4, 5), 0x08, ">u1"),
+    (np.array([[-3, 2, 300], [7, -100, 0]], np.int16), 0x0B, ">i2"),
+    (np.array([1.5, -2.0, np.pi], np.float64), 0x0E, ">f8"),
+]
+
+
+@st.composite
+def _mutations(draw, payload: bytes) -> bytes:
+    """1 to 4 random overwrites, truncations and insertions of bytes."""
+    out = bytearray(payload)
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["overwrite", "truncate", "insert"]))
+        at = draw(st.integers(0, len(out)))
+        if kind == "overwrite" and at < len(out):
+            out[at] = draw(st.integers(0, 255))
+        elif kind == "truncate":
+            del out[at:]
+        else:
+            out[at:at] = draw(st.binary(min_size=1, max_size=8))
+    return bytes(out)
+
+
+@st.composite
+def _hostile_idx_files(draw):
+    """``(suffix, file bytes)``: random bytes, or a valid IDX file (plain or gzip) with its
+    IDX bytes or its gzip stream mutated."""
+    gz = draw(st.booleans())
+    if draw(st.integers(0, 4)) == 0:
+        return (".gz" if gz else ""), draw(st.binary(max_size=200))
+    arr, code, be = draw(st.sampled_from(_SEED_ARRAYS))
+    payload = idx_bytes(arr, code, be)
+    if not gz:
+        return "", draw(_mutations(payload))
+    if draw(st.booleans()):  # mutate the stream itself: corrupt deflate blocks, header, CRC
+        return ".gz", draw(_mutations(gzip.compress(payload, mtime=0)))
+    return ".gz", gzip.compress(draw(_mutations(payload)), mtime=0)
+
+
+def _decompressed(packed: bytes) -> bytes | None:
+    """What the gzip stream holds, or None if it is corrupt."""
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(packed)) as f:
+            return f.read()
+    except (OSError, EOFError, zlib.error):
+        return None
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Turn a hang into a TimeoutError (Unix: SIGALRM; elsewhere the elapsed time is checked
+    afterwards only)."""
+    if not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def fail(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(scope="module")
+def fuzz_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz")
+
+
+@settings(max_examples=400)
+@given(_hostile_idx_files())
+def test_read_idx_on_random_and_mutated_files_returns_what_the_header_says_or_raises_value_error(
+    fuzz_dir, case
+):
+    """Either the array of the header's dims holding exactly the file's data bytes, or a
+    ValueError naming the file; never another exception, never more than 2 s, and never
+    memory beyond a few times the bytes actually present (whatever the header claims)."""
+    suffix, raw = case
+    path = fuzz_dir / f"hostile-idx{suffix}"
+    path.write_bytes(raw)
+    with _time_limit(2.0):
+        out, peak, seconds = _peak_bytes_of(lambda: data.read_idx(path))
+    assert seconds < 2.0
+    payload = _decompressed(raw) if suffix == ".gz" else raw
+    event(type(out).__name__)
+    if isinstance(out, Exception):
+        assert isinstance(out, ValueError), f"{type(out).__name__}: {out}"
+        assert str(path) in str(out)
+    else:
+        assert payload is not None, "read_idx accepted a stream that does not decompress"
+        ndim = payload[3]
+        dims = struct.unpack(f">{ndim}I", payload[4 : 4 + 4 * ndim])
+        assert out.shape == dims
+        big_endian = out.dtype.newbyteorder(">")
+        assert out.astype(big_endian).tobytes() == payload[4 + 4 * ndim :]
+    # The bytes present: the plain file, or what the stream decompresses to (at most ~1000
+    # times its size; these streams are under 1 KB), plus the read buffer and gzip's own.
+    present = len(payload) if payload is not None else 1032 * len(raw)
+    assert peak <= 3 * present + 2**21, f"peak {peak} bytes for {present} bytes present"
+
+
+@settings(max_examples=200)
+@given(
+    which=st.integers(0, 3),
+    suffix=st.sampled_from(["", ".gz"]),
+    data_=st.data(),
+)
+def test_load_mnist_with_a_mutated_file_raises_only_value_error_or_loads(
+    fuzz_dir, which, suffix, data_
+):
+    # Images with structure, so that gzip writes Huffman-coded blocks (not the stored blocks
+    # of random bytes) and a mutated stream can break them.
+    _, y_tr, _, y_te = _mnist_arrays()
+    x_tr = (np.arange(12 * 28 * 28) % 17).astype(np.uint8).reshape(12, 28, 28)
+    arrays = (x_tr, y_tr, x_tr[:6] * 3, y_te)
+    folder = fuzz_dir / "hostile-folder"
+    for old in folder.glob("*") if folder.exists() else []:
+        old.unlink()
+    write_mnist(folder, arrays, suffix)
+    target = sorted(folder.iterdir())[which]
+    raw = target.read_bytes()
+    if suffix and data_.draw(st.booleans()):
+        mutated = gzip.compress(data_.draw(_mutations(gzip.decompress(raw))), mtime=0)
+    else:
+        mutated = data_.draw(_mutations(raw))
+    target.write_bytes(mutated)
+    try:
+        with _time_limit(5.0):
+            ds = data.load_mnist(folder)
+    except (ValueError, FileNotFoundError) as e:
+        event("ValueError")
+        assert str(target) in str(e) or str(e).lower().startswith("mnist"), str(e)
+    else:
+        event("loaded")
+        assert ds.x_train.shape[1] == ds.x_test.shape[1]
+        assert len(ds.x_train) == len(ds.y_train) and len(ds.x_test) == len(ds.y_test)
+        assert ds.y_train.min() >= 0 and ds.y_train.max() <= 9
+        assert np.isfinite(ds.x_train).all() and np.isfinite(ds.x_test).all()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,11 +1,15 @@
 """Tests of fnbp/losses.py: values against optax and closed forms, δ against jax.grad."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fnbp.activations import ACTIVATIONS
 from fnbp.losses import LOSSES, get_loss, to_targets
@@ -178,6 +182,114 @@ def test_mse_with_sigmoid_output_is_finite_at_logits_of_1e4():
     chex.assert_tree_all_finite((value, delta))
     np.testing.assert_array_equal(np.asarray(value), [1.0])  # ½(1² + 1²)
     np.testing.assert_array_equal(np.asarray(delta), [[0.0, 0.0]])  # saturated: σ′ = 0
+
+
+# Hypothesis: random logits at every scale up to far beyond ±1e4.
+
+
+def _identity(v):
+    return v
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _value_delta_and_jax_delta(name, z, t):
+    """(ℓ, δ, jax.grad of ℓ), jitted: each shape compiles once."""
+    loss = LOSSES[name]
+    delta = loss.delta(z, z, t, jnp.ones_like(z))
+    return loss.value(z, z, t), delta, _grad_of_value(loss, _identity, z, t)
+
+
+def _reference_value_and_delta(name, z, t):
+    """ℓ and δ in extended precision (NumPy long double), from the stable closed forms."""
+    z, t = np.asarray(z, np.longdouble), np.asarray(t, np.longdouble)
+    if name == "softmax_cross_entropy":
+        m = z.max(axis=-1, keepdims=True)
+        lse = m[:, 0] + np.log(np.exp(z - m).sum(axis=-1))
+        p = np.exp(z - lse[:, None])
+        return t.sum(-1) * lse - (t * z).sum(-1), p * t.sum(-1, keepdims=True) - t
+    softplus = np.logaddexp(z, 0)  # log(1 + e^z) without overflow
+    sigmoid = np.exp(-np.logaddexp(-z, 0))  # 1/(1 + e^(−z)) without overflow
+    return (softplus - t * z).sum(-1), sigmoid - t
+
+
+@st.composite
+def _logits_and_targets(draw, name):
+    dtype = draw(st.sampled_from(["float32", "float64"]))
+    batch, outputs = draw(st.sampled_from([1, 3])), draw(st.sampled_from([1, 2, 4]))
+    # ~±1e4 is the scale the naive forms die at (e^(1e4) overflows, log p = log 0); the larger
+    # scales come close to the dtype's range, where the loss (≈ the largest logit) still fits.
+    scale = draw(st.sampled_from([1.0, 1e4, 1e8, 1e30] + ([1e300] if dtype == "float64" else [])))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    z = scale * rng.standard_normal((batch, outputs))
+    if name == "softmax_cross_entropy":
+        if draw(st.booleans()):
+            t = np.eye(outputs)[rng.integers(0, outputs, batch)]  # one-hot
+        else:
+            t = rng.dirichlet(np.ones(outputs), batch)  # probability rows
+    elif draw(st.booleans()):
+        t = rng.uniform(size=z.shape)
+    else:
+        t = rng.integers(0, 2, z.shape)
+    return dtype, z.astype(dtype), t.astype(dtype)
+
+
+@pytest.mark.parametrize("name", ["softmax_cross_entropy", "sigmoid_binary_cross_entropy"])
+@settings(max_examples=25)
+@given(data=st.data())
+def test_cross_entropy_value_and_delta_are_finite_and_exact_at_extreme_logits(name, data):
+    """Logits up to 1e30 (float32) or 1e300 (float64): ℓ is finite and correct to a few ulps of
+    the largest logit, δ to a few ulps of 1, against an extended-precision closed form and
+    against jax.grad of ℓ. A naive log(softmax) or log(sigmoid) gives inf or NaN here."""
+    dtype, z_np, t_np = data.draw(_logits_and_targets(name))
+    with jax.enable_x64(dtype == "float64"):
+        value, delta, jax_delta = _value_delta_and_jax_delta(
+            name, jnp.asarray(z_np), jnp.asarray(t_np)
+        )
+        chex.assert_tree_all_finite((value, delta))
+        ref_value, ref_delta = _reference_value_and_delta(name, z_np, t_np)
+        eps = float(np.finfo(dtype).eps)
+        # ℓ sums ≤ 2·outputs terms, each at most (1 + |tₖ|)·max|z| in size and rounded at eps;
+        # the cancellation in logsumexp(z) − zₖ loses nothing more than that.
+        size = np.sum(1 + np.abs(t_np), axis=-1) * (np.max(np.abs(z_np), axis=-1) + 1)
+        np.testing.assert_array_less(np.abs(np.asarray(value) - ref_value), 8 * eps * size)
+        # δ entries are at most Σt + 1 in size; softmax and σ are computed to a few eps of that.
+        atol = 8 * eps * (1 + float(np.max(np.sum(np.abs(t_np), axis=-1))))
+        chex.assert_trees_all_close(delta, ref_delta.astype(dtype), rtol=0, atol=atol)
+        # jax.grad of the value: softplus′ = exp(z − softplus z) adds ~|z|·eps where |z| < 40.
+        chex.assert_trees_all_close(delta, jax_delta, rtol=0, atol=8 * atol)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _mse_value_delta_and_jax_delta(output, z, t):
+    g = ACTIVATIONS[output]
+    a = g.f(z)
+    return a, MSE.value(z, a, t), MSE.delta(z, a, t, g.df(z, a)), _grad_of_value(MSE, g.f, z, t)
+
+
+@settings(max_examples=25)
+@given(
+    dtype=st.sampled_from(["float32", "float64"]),
+    output=st.sampled_from(sorted(ACTIVATIONS)),
+    scale=st.sampled_from([1.0, 1e4, 1e15]),
+    seed=st.integers(0, 2**16),
+)
+def test_mse_value_and_delta_are_finite_and_equal_jax_grad_at_extreme_preactivations(
+    dtype, output, scale, seed
+):
+    """z up to 1e15 through any output activation (sigmoid and tanh saturated, softplus and
+    relu huge): ½‖a − t‖² and (a − t) ⊙ g′(z) are finite and equal jax.grad of the value."""
+    rng = np.random.default_rng(seed)
+    with jax.enable_x64(dtype == "float64"):
+        z = jnp.asarray(scale * rng.standard_normal((3, 4)), dtype)
+        t = jnp.asarray(rng.standard_normal((3, 4)), dtype)
+        a, value, delta, jax_delta = _mse_value_delta_and_jax_delta(output, z, t)
+        chex.assert_tree_all_finite((value, delta))
+        # ½Σ(a − t)² is ~1e30 at the largest scale, far from float32's 3e38, and exact to eps.
+        expected = 0.5 * np.sum((np.asarray(a, np.float64) - np.asarray(t, np.float64)) ** 2, -1)
+        chex.assert_trees_all_close(value, expected.astype(dtype), rtol=4 * np.finfo(dtype).eps)
+        # δ = (a − t)·g′: g′ agrees with jax's to 64 eps (tests/test_activations.py), times |a − t|.
+        atol = 64 * float(np.finfo(dtype).eps) * max(1.0, float(jnp.max(jnp.abs(a - t))))
+        chex.assert_trees_all_close(delta, jax_delta, rtol=0, atol=atol)
 
 
 # ----------------------------------------------------------------------------------------------

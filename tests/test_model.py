@@ -251,6 +251,22 @@ def test_loss_is_mean_softmax_ce_plus_half_lambda_weight_norms_without_biases(l2
         assert 0.5 * l2 * bias_norm > 1e-2
 
 
+def test_loss_without_l2_is_finite_even_where_a_weight_squares_past_the_largest_float():
+    """λ = 0 is no penalty at all: (λ/2)‖W‖² is 0, not 0·∞ = NaN, when a float32 weight of
+    1e30 squares past 3.4e38. That weight multiplies a dead ReLU unit, so the data loss is an
+    ordinary ½(2 − 0)² = 2; with λ > 0 the penalty (5e58) overflows and the loss is inf."""
+    model = fnbp.MLP((1, 2, 1), "relu", "mse")
+    params = [
+        {"W": jnp.array([[1.0], [-1.0]]), "b": jnp.zeros(2)},  # a⁽¹⁾ = (1, 0): unit 2 is dead
+        {"W": jnp.array([[2.0, 1e30]]), "b": jnp.zeros(1)},  # z⁽²⁾ = 2·1 + 1e30·0 = 2
+    ]
+    x, y = jnp.ones((1, 1)), jnp.zeros((1, 1))
+    assert float(fnbp.loss(params, model, x, y)) == 2.0
+    assert float(fnbp.backprop(params, model, x, y).loss) == 2.0
+    assert float(fnbp.autodiff_grads(params, model, x, y)[0]) == 2.0
+    assert float(fnbp.loss(params, model, x, y, l2=0.1)) == np.inf
+
+
 def test_mse_loss_is_the_mean_of_half_squared_errors(x64):
     model = fnbp.MLP((5, 6, 3), "tanh", "mse", "sigmoid")
     params, x, _ = _setup(model, dtype=jnp.float64)
