@@ -142,7 +142,7 @@ def _parser(raise_errors: bool = False) -> argparse.ArgumentParser:
     )  # fmt: skip
     t.add_argument(
         "--on-nonfinite", default="stop", choices=("stop", "skip"),
-        help="a non-finite loss or gradient stops the run (default) or its step is skipped",
+        help="a non-finite loss, gradient or update stops the run (default) or its step is skipped",
     )  # fmt: skip
     t.add_argument(
         "--devices", type=_devices, default=1, metavar="N|all",

@@ -11,11 +11,12 @@
 Gradients come from the hand-written :func:`fnbp.backprop` (``grads="manual"``) or from
 ``jax.value_and_grad(fnbp.loss)`` (``grads="autodiff"``); the optimizer is any optax
 ``GradientTransformation``. Metrics of every step: ``loss`` (scalar), ``grad_norms``
-(``(L,)``: the Frobenius norm ‖∂L/∂W⁽ˡ⁾‖ of each layer's weight gradient) and ``grads_finite``
-(``(L,)`` bool: every entry of ∂L/∂W⁽ˡ⁾ and ∂L/∂b⁽ˡ⁾ is finite).
+(``(L,)``: the Frobenius norm ‖∂L/∂W⁽ˡ⁾‖ of each layer's weight gradient), ``grads_finite``
+(``(L,)`` bool: every entry of ∂L/∂W⁽ˡ⁾ and ∂L/∂b⁽ˡ⁾ is finite) and ``params_finite`` (the same
+for the updated W⁽ˡ⁾ and b⁽ˡ⁾).
 
 :func:`fit` also checkpoints and resumes (:mod:`fnbp.checkpoint`), guards against divergence
-(a non-finite loss or gradient stops the run with :class:`NonFiniteError`, or is skipped),
+(a non-finite loss, gradient or update stops the run with :class:`NonFiniteError`, or is skipped),
 stops cleanly when asked (:class:`Interrupted`), and splits each batch over several devices
 (:func:`data_mesh`).
 """
@@ -70,15 +71,17 @@ def _step_fn(model, optimizer, grads, l2, skip_nonfinite=False):
         loss, g = value_and_grads(params, x, y)
         updates, new_opt_state = optimizer.update(g, opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        norms = jnp.stack([jnp.linalg.norm(gl["W"].astype(jnp.float32)) for gl in g])
-        finite = jnp.stack([jnp.isfinite(gl["W"]).all() & jnp.isfinite(gl["b"]).all() for gl in g])
-        metrics = {"loss": loss, "grad_norms": norms, "grads_finite": finite}
-        if skip_nonfinite:
-            # Skip the step unless its loss, its gradient AND the params it leads to are finite:
-            # a finite but huge gradient can still overflow the params (optax.apply_if_finite
-            # looks at the gradient only, so it would let that step through).
-            ok = jnp.isfinite(loss) & finite.all()
-            ok &= jnp.stack([jnp.isfinite(v).all() for v in jax.tree.leaves(new_params)]).all()
+        finite = lambda tree: jnp.stack(  # noqa: E731  (L,): every entry of layer l finite
+            [jnp.isfinite(p["W"]).all() & jnp.isfinite(p["b"]).all() for p in tree]
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norms": jnp.stack([jnp.linalg.norm(gl["W"].astype(jnp.float32)) for gl in g]),
+            "grads_finite": finite(g),
+            "params_finite": finite(new_params),  # a finite but huge step can overflow them
+        }
+        if skip_nonfinite:  # keep the old state unless the loss, grads and new params are finite
+            ok = jnp.isfinite(loss) & metrics["grads_finite"].all() & metrics["params_finite"].all()
             new_params, new_opt_state = jax.tree.map(
                 lambda new, old: jnp.where(ok, new, old),
                 (new_params, new_opt_state),
@@ -108,11 +111,13 @@ def make_train_step(
         l2: L2 strength λ ≥ 0, part of the loss (not the optimizer's weight decay).
         skip_nonfinite: a step whose loss, gradient or updated params hold a NaN or Inf
             returns the params and optimizer state it was given, unchanged, and says so in
-            ``metrics["skipped"]``.
+            ``metrics["skipped"]`` (``optax.apply_if_finite`` looks at the gradient only, so
+            it lets through a finite step that overflows the params).
 
     Returns:
         ``step(params, opt_state, x, y) -> (params, opt_state, metrics)``; ``metrics`` holds
-        ``loss`` (the loss before the update), ``grad_norms`` and ``grads_finite`` (``(L,)``).
+        ``loss`` (the loss before the update), ``grad_norms``, ``grads_finite`` and
+        ``params_finite`` (``(L,)``, the latter of the updated params).
         Shapes are checked when the step is traced (once per input shape), not on every call.
         Inputs laid out over several devices (``jax.device_put(x, NamedSharding(mesh,
         P("data")))``, params replicated) run data-parallel as they are: XLA splits the
@@ -302,28 +307,32 @@ def data_mesh(devices: int | str | Sequence[jax.Device] | None = "all") -> jax.s
 
 
 class NonFiniteError(FloatingPointError):
-    """Training met a non-finite loss or gradient (``on_nonfinite="stop"``).
+    """Training met a non-finite loss, gradient or updated params (``on_nonfinite="stop"``).
 
     Attributes:
-        step: the 1-based number of the step whose loss or gradient was non-finite.
+        step: the 1-based number of the step whose loss, gradient or update was non-finite.
         epoch: the 1-based epoch it belongs to.
-        layer: the first layer (1-based, in ``params`` order) with a non-finite gradient, or
-            ``None`` when only the loss was non-finite.
-        layers: every layer with a non-finite gradient at that step.
+        what: ``"gradient"`` (some gradient entry is NaN or Inf), ``"params"`` (the gradient
+            is finite but the update made some params non-finite) or ``"loss"`` (only the
+            loss is).
+        layer: the first layer (1-based, in ``params`` order) whose gradient (or, for
+            ``"params"``, updated params) is non-finite; ``None`` for ``"loss"``.
+        layers: every such layer at that step.
         loss: that step's loss.
         checkpoint: the last checkpoint written (all finite), or ``None``.
     """
 
-    def __init__(self, step, epoch, layers, loss, checkpoint, checkpointing=True):
-        self.step, self.epoch, self.layers, self.loss = step, epoch, layers, loss
+    def __init__(self, step, epoch, what, layers, loss, checkpoint, checkpointing=True):
+        self.step, self.epoch, self.what, self.layers, self.loss = step, epoch, what, layers, loss
         self.layer = layers[0] if layers else None
         self.checkpoint = checkpoint
-        what = (
-            f"the gradient of layer {self.layer} is non-finite (non-finite in layers "
-            f"{', '.join(map(str, layers))} of the model), loss {loss:g}"
-            if layers
-            else f"the loss is {loss:g} (gradients finite)"
-        )
+        listed = f"(non-finite in layers {', '.join(map(str, layers))} of the model), loss {loss:g}"
+        if what == "gradient":
+            what = f"the gradient of layer {self.layer} is non-finite {listed}"
+        elif what == "params":
+            what = f"the update made the params of layer {self.layer} non-finite {listed}"
+        else:
+            what = f"the loss is {loss:g} (gradients and params finite)"
         if checkpoint:
             kept = f"the last finite checkpoint is {checkpoint}"
         elif checkpointing:
@@ -395,14 +404,18 @@ def _add_chunk(partial: dict, metrics: dict) -> dict:
     }
 
 
-def _first_nonfinite(metrics: dict) -> tuple[int, list[int]] | None:
-    """``(index in chunk, non-finite layers)`` of the first step with a non-finite loss or
-    gradient, or ``None``."""
-    ok = np.isfinite(metrics["loss"]) & metrics["grads_finite"].all(axis=1)
+def _first_nonfinite(metrics: dict) -> tuple[int, str, list[int]] | None:
+    """``(index in chunk, what, layers)`` of the first step whose loss, gradient or updated
+    params are non-finite (``what``: ``"gradient"``, ``"params"`` or ``"loss"``), or ``None``."""
+    grads, params = metrics["grads_finite"], metrics["params_finite"]
+    ok = np.isfinite(metrics["loss"]) & grads.all(axis=1) & params.all(axis=1)
     if ok.all():
         return None
     j = int(np.argmin(ok))
-    return j, [int(l) + 1 for l in np.flatnonzero(~metrics["grads_finite"][j])]
+    for what, flags in (("gradient", grads[j]), ("params", params[j])):
+        if not flags.all():
+            return j, what, [int(l) + 1 for l in np.flatnonzero(~flags)]
+    return j, "loss", []
 
 
 def fit(
@@ -445,11 +458,11 @@ def fit(
         key: the PRNG key the epoch shuffles are drawn from.
         epochs, batch_size, grads, l2: as in :func:`make_train_epoch`.
         x_test, y_test: evaluated after every epoch when given.
-        on_nonfinite: ``"stop"``: a step whose loss or any gradient entry is non-finite ends
-            the run with :class:`NonFiniteError` (naming the step and layer; the last
-            checkpoint, all finite, is kept). ``"skip"``: such steps, and steps that would make
-            the params non-finite, leave params and optimizer state unchanged and are counted
-            in ``skipped_steps`` (``train_loss`` and ``grad_norms`` average the others).
+        on_nonfinite: ``"stop"``: a step whose loss, any gradient entry or any updated
+            parameter is non-finite ends the run with :class:`NonFiniteError` (naming the step
+            and layer; the last checkpoint, all finite, is kept). ``"skip"``: such steps leave
+            params and optimizer state unchanged and are counted in ``skipped_steps``
+            (``train_loss`` and ``grad_norms`` average the others).
         checkpoint_dir: save a :class:`fnbp.checkpoint.Checkpoint` after every chunk, as
             ``ckpt-<step>.npz``, keeping the newest ``keep_checkpoints``.
         checkpoint_every: chunk length in steps (see above); ``None``: one chunk per epoch.
@@ -580,9 +593,9 @@ def fit(
                 metrics = jax.device_get(metrics)  # the one host sync of the chunk
                 bad = _first_nonfinite(metrics) if on_nonfinite == "stop" else None
                 if bad is not None:
-                    j, layers = bad
+                    j, what, layers = bad
                     raise NonFiniteError(
-                        state.step + j + 1, epoch, layers, float(metrics["loss"][j]),
+                        state.step + j + 1, epoch, what, layers, float(metrics["loss"][j]),
                         last_saved, checkpoint_dir is not None,
                     )  # fmt: skip
                 partial = _add_chunk(state.partial, metrics)

@@ -456,3 +456,17 @@ def test_data_parallel_fit_on_4_devices_matches_one_device(tmp_path):
     assert out["4"]["loss"] == pytest.approx(out["1"]["loss"], rel=1e-5)
     assert "devices must be 1 to 4" in out["error5"] and "device_count=5" in out["error5"]
     assert "batch_size 32 must be divisible by the 3 devices" in out["error3"]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # 1e39 → float32 inf, meant
+def test_a_finite_step_that_overflows_the_params_is_caught_too(digits, tmp_path):
+    """lr 1e39 is past float32's range: the gradient of step 1 is finite, the update it makes
+    is not. The guard names it; skip mode skips it."""
+    huge = optax.sgd(1e39)
+    with pytest.raises(train.NonFiniteError) as e:
+        _fit(digits, tmp_path / "stop", optimizer=huge)
+    assert (e.value.step, e.value.what) == (1, "params") and np.isfinite(e.value.loss)
+    assert f"the update made the params of layer {e.value.layer} non-finite" in str(e.value)
+    params, _, history = _fit(digits, tmp_path / "skip", optimizer=huge, on_nonfinite="skip")
+    assert all(np.isfinite(v).all() for v in jax.tree.leaves(params))
+    assert history[0]["skipped_steps"] > 0
