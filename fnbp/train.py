@@ -540,7 +540,8 @@ def fit(
                 f"{found[-1].name}); pass resume=True to continue that run, or use an empty folder"
             )
         if found:
-            state, last_saved = _resume(found, optimizer, model, params, settings), found[-1]
+            state = _resume(found, optimizer, model, params, key, settings)
+            last_saved = found[-1]
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         for stale in checkpoint_dir.glob(".ckpt-*.tmp-*"):  # left by a kill -9 mid-write
             stale.unlink(missing_ok=True)
@@ -664,7 +665,7 @@ def _epoch_record(epoch, step, partial, on_nonfinite, seconds) -> dict:
     return record
 
 
-def _resume(found: list[Path], optimizer, model, params, settings) -> _Progress:
+def _resume(found: list[Path], optimizer, model, params, key, settings) -> _Progress:
     """The :class:`_Progress` stored in the newest checkpoint of ``found``."""
     from fnbp import checkpoint as ckpt
 
@@ -683,6 +684,8 @@ def _resume(found: list[Path], optimizer, model, params, settings) -> _Progress:
             f"{path}: the checkpoint was written by a run with other settings ("
             f"{'; '.join(diff) or 'none recorded'}); resume with the same settings"
         )
+    if not np.array_equal(jax.random.key_data(c.key), jax.random.key_data(key)):
+        raise ValueError(f"{path}: the checkpoint was written by a run with another key")
     for leaf, want in zip(jax.tree.leaves(c.params), jax.tree.leaves(params), strict=True):
         if leaf.dtype != want.dtype:
             raise ValueError(

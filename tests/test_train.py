@@ -312,6 +312,17 @@ def test_fit_resume_with_other_settings_is_refused_naming_the_file(digits, tmp_p
         _fit(digits, tmp_path, epochs=2, every=5, resume=True)
 
 
+def test_fit_resume_with_another_key_is_refused(digits, tmp_path):
+    _fit(digits, tmp_path, epochs=1)
+    params = fnbp.init_params(jax.random.key(0), DIGITS_MODEL)
+    with pytest.raises(ValueError, match="ckpt-000000044.npz: .*another key"):
+        train.fit(
+            DIGITS_MODEL, optax.sgd(0.02, momentum=0.9), params, digits.x_train,
+            digits.y_train, key=jax.random.key(2), epochs=2, batch_size=32,
+            checkpoint_dir=tmp_path, checkpoint_every=10, resume=True, progress=False,
+        )  # fmt: skip
+
+
 def test_fit_resume_from_a_corrupt_checkpoint_names_it_and_the_one_before(digits, tmp_path):
     _fit(digits, tmp_path, epochs=1)
     newest = tmp_path / "ckpt-000000044.npz"
