@@ -26,17 +26,26 @@ import optax
 from fnbp.backprop import _backprop
 from fnbp.data import _check_batch_size, epoch_batches
 from fnbp.initializers import InitScheme, init_params
-from fnbp.model import MLP, Params, _loss, accuracy, check_inputs, check_l2, check_params
+from fnbp.model import (
+    MLP,
+    Params,
+    _loss,
+    accuracy,
+    check_compute_dtype,
+    check_inputs,
+    check_l2,
+    check_params,
+)
 
 Array = jax.Array
 GRADS = ("manual", "autodiff")
 
 
-def _value_and_grads(model: MLP, grads: str, l2) -> Callable:
+def _value_and_grads(model: MLP, grads: str, l2, compute_dtype=None) -> Callable:
     """``(params, x, y) -> (loss, grads)`` by the chosen method."""
     if grads == "manual":
-        return lambda params, x, y: _backprop(params, model, x, y, l2)[:2]
-    return lambda params, x, y: jax.value_and_grad(_loss)(params, model, x, y, l2)
+        return lambda params, x, y: _backprop(params, model, x, y, l2, compute_dtype)[:2]
+    return lambda params, x, y: jax.value_and_grad(_loss)(params, model, x, y, l2, compute_dtype)
 
 
 def _check_config(model, optimizer, grads, l2):
@@ -52,8 +61,8 @@ def _check_config(model, optimizer, grads, l2):
     check_l2(l2)
 
 
-def _step_fn(model, optimizer, grads, l2):
-    value_and_grads = _value_and_grads(model, grads, l2)
+def _step_fn(model, optimizer, grads, l2, compute_dtype=None):
+    value_and_grads = _value_and_grads(model, grads, l2, compute_dtype)
 
     def step(params, opt_state, x, y):
         loss, g = value_and_grads(params, x, y)
@@ -66,7 +75,12 @@ def _step_fn(model, optimizer, grads, l2):
 
 
 def make_train_step(
-    model: MLP, optimizer: optax.GradientTransformation, *, grads: str = "manual", l2=0.0
+    model: MLP,
+    optimizer: optax.GradientTransformation,
+    *,
+    grads: str = "manual",
+    l2=0.0,
+    compute_dtype=None,
 ) -> Callable:
     """A jitted training step.
 
@@ -76,6 +90,9 @@ def make_train_step(
             ``optimizer.init(params)``.
         grads: ``"manual"`` (hand-written backprop) or ``"autodiff"`` (``jax.grad``).
         l2: L2 strength λ ≥ 0, part of the loss (not the optimizer's weight decay).
+        compute_dtype: ``None``, or e.g. ``jnp.bfloat16`` for mixed precision: the params
+            stay the (float32) master copy the optimizer updates, the gradients are computed
+            in ``compute_dtype`` as in :func:`fnbp.backprop`.
 
     Returns:
         ``step(params, opt_state, x, y) -> (params, opt_state, metrics)``; ``metrics`` holds
@@ -83,7 +100,7 @@ def make_train_step(
         when the step is traced (once per input shape), not on every call.
     """
     _check_config(model, optimizer, grads, l2)
-    step = _step_fn(model, optimizer, grads, l2)
+    step = _step_fn(model, optimizer, grads, l2, check_compute_dtype(compute_dtype))
 
     @jax.jit
     def train_step(params, opt_state, x, y):
@@ -94,8 +111,8 @@ def make_train_step(
     return train_step
 
 
-def _epoch_fn(model, optimizer, batch_size, grads, l2):
-    step = _step_fn(model, optimizer, grads, l2)
+def _epoch_fn(model, optimizer, batch_size, grads, l2, compute_dtype=None):
+    step = _step_fn(model, optimizer, grads, l2, compute_dtype)
 
     def epoch(params, opt_state, key, x, y):
         xb, yb = epoch_batches(key, x, y, batch_size)
@@ -118,6 +135,7 @@ def make_train_epoch(
     batch_size: int,
     grads: str = "manual",
     l2=0.0,
+    compute_dtype=None,
 ) -> Callable:
     """A jitted whole epoch: shuffle, then every mini-batch step in one ``lax.scan``.
 
@@ -129,7 +147,7 @@ def make_train_epoch(
     """
     _check_config(model, optimizer, grads, l2)
     _check_batch_size(batch_size)
-    epoch = _epoch_fn(model, optimizer, batch_size, grads, l2)
+    epoch = _epoch_fn(model, optimizer, batch_size, grads, l2, check_compute_dtype(compute_dtype))
 
     @jax.jit
     def train_epoch(params, opt_state, key, x, y):
@@ -147,6 +165,7 @@ def make_population_epoch(
     batch_size: int,
     grads: str = "manual",
     l2=0.0,
+    compute_dtype=None,
 ) -> Callable:
     """:func:`make_train_epoch` vmapped over a population: one XLA program trains them all.
 
@@ -160,7 +179,8 @@ def make_population_epoch(
     _check_config(model, optimizer, grads, l2)
     _check_batch_size(batch_size)
     epoch = jax.vmap(
-        _epoch_fn(model, optimizer, batch_size, grads, l2), in_axes=(0, 0, 0, None, None)
+        _epoch_fn(model, optimizer, batch_size, grads, l2, check_compute_dtype(compute_dtype)),
+        in_axes=(0, 0, 0, None, None),
     )
 
     @jax.jit
