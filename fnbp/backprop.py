@@ -42,6 +42,7 @@ from fnbp.model import (
     check_params,
     forward_trace,
     l2_penalty,
+    no_l2,
     output_for_loss,
 )
 
@@ -82,9 +83,9 @@ def dense_backward(p: dict[str, Array], a_prev: Array, delta: Array, l2) -> tupl
         ``back = W⁽ˡ⁾ᵀ δ⁽ˡ⁾ = ∂L/∂a⁽ˡ⁻¹⁾`` of shape ``(batch, n_in)`` in δ's dtype.
     """
     W, b = p["W"], p["b"]
+    dW = jnp.matmul(delta.T, a_prev, preferred_element_type=W.dtype)  # Σₙ δaᵀ
     grads = {
-        "W": jnp.matmul(delta.T, a_prev, preferred_element_type=W.dtype)  # Σₙ δaᵀ
-        + jnp.asarray(l2, W.dtype) * W,  # + λW
+        "W": dW if no_l2(l2) else dW + jnp.asarray(l2, W.dtype) * W,  # + λW
         "b": jnp.sum(delta, axis=0, dtype=b.dtype),  # Σₙ δ
     }
     return grads, delta @ W.astype(delta.dtype)  # Wᵀδ, one row per example

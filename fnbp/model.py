@@ -143,8 +143,17 @@ def output_for_loss(params: Params, z_out: Array, a_out: Array) -> tuple[Array, 
     return z_out.astype(dtype), a_out.astype(dtype)
 
 
+def no_l2(l2) -> bool:
+    """λ is a literal 0 (a Python number, not traced): the penalty and its λW are left out
+    instead of computed as 0·Σ‖W‖² and 0·W, two passes over every weight that XLA keeps (0·W is
+    NaN for an infinite W)."""
+    return isinstance(l2, (int, float)) and l2 == 0
+
+
 def l2_penalty(params: Params, l2) -> Array:
     """(λ/2) Σₗ ‖W⁽ˡ⁾‖²_F. Biases are not decayed."""
+    if no_l2(l2):
+        return 0.0
     return 0.5 * l2 * sum(jnp.sum(p["W"] ** 2) for p in params)
 
 
