@@ -465,9 +465,12 @@ def per_example_section(args, on_gpu: bool) -> list[dict]:
                 "samples_per_s": batch / statistics.median(ts),
             }
             log(f"  {name:16s} {batch / statistics.median(ts):12.0f} samples/s")
-        row["speedup_manual"] = (
-            row["manual"]["samples_per_s"] / row["vmap(jax.grad)"]["samples_per_s"]
-        )
+        # The median over rounds of the two timed in the same round: these programs are
+        # dominated by writing batch × parameters floats, and page faults of fresh buffers
+        # make single timings swing by 2× on a CPU.
+        paired = [a / m for m, a in zip(times["manual"], times["vmap(jax.grad)"], strict=True)]
+        row["speedup_manual"] = float(np.median(paired))
+        row["speedup_iqr"] = [float(v) for v in np.percentile(paired, [25, 75])]
         out.append(row)
     return out
 
@@ -609,7 +612,8 @@ def targets(result, on_gpu: bool, kind: str) -> list[dict]:
         t.append(
             {
                 "target": f"per-example grads {'-'.join(map(str, r['sizes']))} batch {r['batch']}: manual ≥ vmap(jax.grad)",
-                "measured": f"{r['speedup_manual']:.3f}×",
+                "measured": f"{r['speedup_manual']:.3f}× (per-round IQR "
+                f"{r['speedup_iqr'][0]:.2f}–{r['speedup_iqr'][1]:.2f})",
                 "met": r["speedup_manual"] >= 1.0,
             }
         )
@@ -814,6 +818,12 @@ def closing_notes(result, on_gpu: bool) -> list[str]:
                 f"{t['target']}: missed at {t['measured']}, {spread}. The two steps compile to "
                 "the same matmuls and nearly the same fusions (the hand-written one has fewer "
                 "and a smaller temporary buffer)."
+            )
+        elif t["met"] is False and t["target"].startswith("per-example"):
+            notes.append(
+                f"{t['target']}: missed at {t['measured']}. Both compile to the same program "
+                "(the same dots and fusions; a per-example step is one outer product per layer "
+                "and example, memory-bound), so the ratio is noise around 1."
             )
         elif t["met"] is False and t["target"].startswith("CPU medium"):
             notes.append(
