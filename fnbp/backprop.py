@@ -93,9 +93,8 @@ def dense_backward(p: dict[str, Array], a_prev: Array, delta: Array, l2) -> tupl
 
 def _backprop(params: Params, model: MLP, x: Array, y: Array, l2, compute_dtype=None) -> Backprop:
     L, loss_fn = model.num_layers, model.loss_fn
-    z, a = forward_trace(
-        params, model, x, compute_dtype
-    )  # z[l] = W⁽ˡ⁾a[l−1] + b⁽ˡ⁾, a[l] = f(z[l])
+    # z[l] = W⁽ˡ⁾a[l−1] + b⁽ˡ⁾, a[l] = f(z[l]); a[0] = x; in compute_dtype when given
+    z, a = forward_trace(params, model, x, compute_dtype)
     z_out, a_out = output_for_loss(params, z[L], a[L])  # float32 logits under mixed precision
     t = to_targets(loss_fn, y, model.sizes[-1], z_out.dtype)
     loss = jnp.mean(loss_fn.value(z_out, a_out, t)) + l2_penalty(params, l2)

@@ -49,7 +49,9 @@ at θ), excluded from the comparison and reported as ``kinks``.
 Cost: a cross-check compiles two XLA programs, one per dtype, each computing everything it
 compares (hand-written grads, ``jax.grad``'s and, in float64, every finite difference), at
 LLVM -O0 since each runs once. The full check of a 784-16-16-10 network (13,002 parameters,
-batch 32) takes about 0.8 s on a 2-core CPU in a fresh process, compilation included.
+batch 32) takes about 0.65 s on a 2-core CPU in a fresh process, compilation included. Within
+one program XLA merges identical subcomputations, so where the hand-written pass builds the
+same expression as ``jax.grad`` the two agree bitwise (error 0); anything else stays separate.
 """
 
 from __future__ import annotations
