@@ -110,14 +110,21 @@ def dense(p: dict[str, Array], a_prev: Array) -> Array:
     return a_prev @ p["W"].T + p["b"][None, :]
 
 
-def forward_trace(params: Params, model: MLP, x: Array) -> tuple[list, list]:
+def forward_trace(params: Params, model: MLP, x: Array, compute_dtype=None) -> tuple[list, list]:
     """The forward pass, keeping what the backward pass needs.
+
+    Arguments:
+        compute_dtype: ``None`` computes in the dtypes of ``params`` and ``x`` as given. A dtype
+            (mixed precision, e.g. ``jnp.bfloat16`` beside float32 master params) casts every
+            ``W``, ``b`` and ``x`` to it first, so every matmul and activation runs in it.
 
     Returns:
         ``(z, a)``, two lists indexed like the textbook: ``a[0] = x``, and for ``l = 1..L``
         ``z[l] = W⁽ˡ⁾a⁽ˡ⁻¹⁾ + b⁽ˡ⁾`` and ``a[l] = f(z[l])``, each of shape
-        ``(batch, sizes[l])``. ``z[0]`` is ``None``.
+        ``(batch, sizes[l])`` and in the compute dtype. ``z[0]`` is ``None``.
     """
+    if compute_dtype is not None:
+        params, x = jax.tree.map(lambda v: v.astype(compute_dtype), (params, x))
     z, a = [None], [x]
     for l in range(1, model.num_layers + 1):
         z.append(dense(params[l - 1], a[l - 1]))  # z⁽ˡ⁾ = W⁽ˡ⁾a⁽ˡ⁻¹⁾ + b⁽ˡ⁾
@@ -125,22 +132,44 @@ def forward_trace(params: Params, model: MLP, x: Array) -> tuple[list, list]:
     return z, a
 
 
+def output_for_loss(params: Params, z_out: Array, a_out: Array) -> tuple[Array, Array]:
+    """The output layer's ``(z⁽ᴸ⁾, a⁽ᴸ⁾)`` in the dtype the loss is computed in.
+
+    That is the wider of the compute dtype and the params' dtype: under mixed precision
+    (bfloat16 compute, float32 master params) the logits are upcast, so the softmax, the loss
+    value and δ⁽ᴸ⁾ run in float32. Without mixed precision it changes nothing.
+    """
+    dtype = jnp.promote_types(z_out.dtype, params[-1]["W"].dtype)
+    return z_out.astype(dtype), a_out.astype(dtype)
+
+
+def no_l2(l2) -> bool:
+    """λ is a literal 0 (a Python number, not traced): the penalty and its λW are left out
+    instead of computed as 0·Σ‖W‖² and 0·W, two passes over every weight that XLA keeps (0·W is
+    NaN for an infinite W)."""
+    return isinstance(l2, (int, float)) and l2 == 0
+
+
 def l2_penalty(params: Params, l2) -> Array:
     """(λ/2) Σₗ ‖W⁽ˡ⁾‖²_F. Biases are not decayed.
 
-    Exactly 0 for λ = 0, even where ‖W‖² overflows (0·∞ would make the whole loss NaN).
+    Exactly 0 for λ = 0, even where ‖W‖² overflows (0·∞ would make the whole loss NaN); a
+    literal 0 (:func:`no_l2`) computes nothing at all.
     """
+    if no_l2(l2):
+        return 0.0
     return jnp.where(l2 == 0, 0, 0.5 * l2 * sum(jnp.sum(p["W"] ** 2) for p in params))
 
 
-def _loss(params, model, x, y, l2):
-    z, a = forward_trace(params, model, x)
-    t = to_targets(model.loss_fn, y, model.sizes[-1], z[-1].dtype)
-    return jnp.mean(model.loss_fn.value(z[-1], a[-1], t)) + l2_penalty(params, l2)
+def _loss(params, model, x, y, l2, compute_dtype=None):
+    z, a = forward_trace(params, model, x, compute_dtype)
+    z_out, a_out = output_for_loss(params, z[-1], a[-1])
+    t = to_targets(model.loss_fn, y, model.sizes[-1], z_out.dtype)
+    return jnp.mean(model.loss_fn.value(z_out, a_out, t)) + l2_penalty(params, l2)
 
 
 _forward_jit = jax.jit(lambda params, model, x: forward_trace(params, model, x)[1][-1])
-_loss_jit = jax.jit(_loss)
+_loss_jit = jax.jit(_loss, static_argnames="compute_dtype")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,7 +192,7 @@ def forward(params: Params, model: MLP, x: Array) -> Array:
     return _forward_jit(params, model, x)
 
 
-def loss(params: Params, model: MLP, x: Array, y: Array, *, l2=0.0) -> Array:
+def loss(params: Params, model: MLP, x: Array, y: Array, *, l2=0.0, compute_dtype=None) -> Array:
     """Mean loss over the batch plus the L2 penalty: ``mean_n ℓ(xₙ, yₙ) + (λ/2) Σₗ‖W⁽ˡ⁾‖²``.
 
     ``jax.grad(fnbp.loss)`` works on it directly; it is the reference the hand-written
@@ -174,14 +203,17 @@ def loss(params: Params, model: MLP, x: Array, y: Array, *, l2=0.0) -> Array:
         y: labels: integer class indices ``(batch,)`` or targets ``(batch, sizes[-1])`` (see
             :func:`fnbp.losses.to_targets`).
         l2: L2 strength λ ≥ 0.
+        compute_dtype: ``None``, or a floating dtype such as ``jnp.bfloat16`` for mixed
+            precision: the matmuls and activations run in it, while the logits are upcast so
+            the loss is computed in the params' dtype (see :func:`forward_trace`).
 
     Returns:
-        A scalar.
+        A scalar, in the params' dtype.
     """
     check_params(params, model)
     check_inputs(model, x, y)
     check_l2(l2)
-    return _loss_jit(params, model, x, y, l2)
+    return _loss_jit(params, model, x, y, l2, compute_dtype=check_compute_dtype(compute_dtype))
 
 
 def accuracy(params: Params, model: MLP, x: Array, y: Array) -> Array:
@@ -314,3 +346,21 @@ def check_l2(l2) -> None:
             raise TypeError(f"l2 must be a number >= 0, got {l2!r}") from None
         if not np.isfinite(value) or value < 0:
             raise ValueError(f"l2 must be a finite number >= 0, got {l2!r}")
+
+
+def check_compute_dtype(compute_dtype):
+    """``None``, or ``compute_dtype`` as a floating ``jnp.dtype``; raise for anything else."""
+    if compute_dtype is None:
+        return None
+    try:
+        dtype = jnp.dtype(compute_dtype)
+    except TypeError:
+        raise TypeError(
+            f"compute_dtype must be None or a floating dtype such as jnp.bfloat16, got "
+            f"{compute_dtype!r}"
+        ) from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"compute_dtype must be a floating dtype such as jnp.bfloat16, got {dtype.name}"
+        )
+    return dtype

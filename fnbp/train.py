@@ -38,17 +38,26 @@ import optax
 from fnbp.backprop import _backprop
 from fnbp.data import _check_batch_size, epoch_indices
 from fnbp.initializers import InitScheme, init_params
-from fnbp.model import MLP, Params, _loss, accuracy, check_inputs, check_l2, check_params
+from fnbp.model import (
+    MLP,
+    Params,
+    _loss,
+    accuracy,
+    check_compute_dtype,
+    check_inputs,
+    check_l2,
+    check_params,
+)
 
 Array = jax.Array
 GRADS = ("manual", "autodiff")
 
 
-def _value_and_grads(model: MLP, grads: str, l2) -> Callable:
+def _value_and_grads(model: MLP, grads: str, l2, compute_dtype=None) -> Callable:
     """``(params, x, y) -> (loss, grads)`` by the chosen method."""
     if grads == "manual":
-        return lambda params, x, y: _backprop(params, model, x, y, l2)[:2]
-    return lambda params, x, y: jax.value_and_grad(_loss)(params, model, x, y, l2)
+        return lambda params, x, y: _backprop(params, model, x, y, l2, compute_dtype)[:2]
+    return lambda params, x, y: jax.value_and_grad(_loss)(params, model, x, y, l2, compute_dtype)
 
 
 def _check_config(model, optimizer, grads, l2):
@@ -64,8 +73,8 @@ def _check_config(model, optimizer, grads, l2):
     check_l2(l2)
 
 
-def _step_fn(model, optimizer, grads, l2, skip_nonfinite=False):
-    value_and_grads = _value_and_grads(model, grads, l2)
+def _step_fn(model, optimizer, grads, l2, compute_dtype=None, skip_nonfinite=False):
+    value_and_grads = _value_and_grads(model, grads, l2, compute_dtype)
 
     def step(params, opt_state, x, y):
         loss, g = value_and_grads(params, x, y)
@@ -99,6 +108,7 @@ def make_train_step(
     *,
     grads: str = "manual",
     l2=0.0,
+    compute_dtype=None,
     skip_nonfinite: bool = False,
 ) -> Callable:
     """A jitted training step.
@@ -109,6 +119,9 @@ def make_train_step(
             ``optimizer.init(params)``.
         grads: ``"manual"`` (hand-written backprop) or ``"autodiff"`` (``jax.grad``).
         l2: L2 strength λ ≥ 0, part of the loss (not the optimizer's weight decay).
+        compute_dtype: ``None``, or e.g. ``jnp.bfloat16`` for mixed precision: the params
+            stay the (float32) master copy the optimizer updates, the gradients are computed
+            in ``compute_dtype`` as in :func:`fnbp.backprop`.
         skip_nonfinite: a step whose loss, gradient or updated params hold a NaN or Inf
             returns the params and optimizer state it was given, unchanged, and says so in
             ``metrics["skipped"]`` (``optax.apply_if_finite`` looks at the gradient only, so
@@ -124,7 +137,7 @@ def make_train_step(
         matmuls by rows and all-reduces the gradient sums.
     """
     _check_config(model, optimizer, grads, l2)
-    step = _step_fn(model, optimizer, grads, l2, skip_nonfinite)
+    step = _step_fn(model, optimizer, grads, l2, check_compute_dtype(compute_dtype), skip_nonfinite)
 
     @jax.jit
     def train_step(params, opt_state, x, y):
@@ -135,11 +148,14 @@ def make_train_step(
     return train_step
 
 
-def _steps_fn(model, optimizer, batch_size, grads, l2, batch_sharding=None, skip_nonfinite=False):
+def _steps_fn(
+    model, optimizer, batch_size, grads, l2, compute_dtype=None, batch_sharding=None,
+    skip_nonfinite=False,
+):  # fmt: skip
     """``run(params, opt_state, key, x, y, start, length)``: steps ``start … start+length−1`` of
     the epoch whose shuffle ``key`` draws, in one ``lax.scan``; each batch is gathered from the
     whole training set ``x, y`` as its step comes (and laid out by ``batch_sharding``)."""
-    step = _step_fn(model, optimizer, grads, l2, skip_nonfinite)
+    step = _step_fn(model, optimizer, grads, l2, compute_dtype, skip_nonfinite)
 
     def run(params, opt_state, key, x, y, start, length):
         idx = epoch_indices(key, x.shape[0], batch_size)  # (steps, batch) row indices
@@ -160,8 +176,8 @@ def _steps_fn(model, optimizer, batch_size, grads, l2, batch_sharding=None, skip
     return run
 
 
-def _epoch_fn(model, optimizer, batch_size, grads, l2):
-    run = _steps_fn(model, optimizer, batch_size, grads, l2)
+def _epoch_fn(model, optimizer, batch_size, grads, l2, compute_dtype=None):
+    run = _steps_fn(model, optimizer, batch_size, grads, l2, compute_dtype)
     return lambda params, opt_state, key, x, y: run(
         params, opt_state, key, x, y, 0, x.shape[0] // batch_size
     )
@@ -174,6 +190,7 @@ def make_train_epoch(
     batch_size: int,
     grads: str = "manual",
     l2=0.0,
+    compute_dtype=None,
 ) -> Callable:
     """A jitted whole epoch: shuffle, then every mini-batch step in one ``lax.scan``.
 
@@ -185,7 +202,7 @@ def make_train_epoch(
     """
     _check_config(model, optimizer, grads, l2)
     _check_batch_size(batch_size)
-    epoch = _epoch_fn(model, optimizer, batch_size, grads, l2)
+    epoch = _epoch_fn(model, optimizer, batch_size, grads, l2, check_compute_dtype(compute_dtype))
 
     @jax.jit
     def train_epoch(params, opt_state, key, x, y):
@@ -203,6 +220,7 @@ def make_population_epoch(
     batch_size: int,
     grads: str = "manual",
     l2=0.0,
+    compute_dtype=None,
 ) -> Callable:
     """:func:`make_train_epoch` vmapped over a population: one XLA program trains them all.
 
@@ -216,7 +234,8 @@ def make_population_epoch(
     _check_config(model, optimizer, grads, l2)
     _check_batch_size(batch_size)
     epoch = jax.vmap(
-        _epoch_fn(model, optimizer, batch_size, grads, l2), in_axes=(0, 0, 0, None, None)
+        _epoch_fn(model, optimizer, batch_size, grads, l2, check_compute_dtype(compute_dtype)),
+        in_axes=(0, 0, 0, None, None),
     )
 
     @jax.jit
@@ -430,6 +449,7 @@ def fit(
     batch_size: int,
     grads: str = "manual",
     l2=0.0,
+    compute_dtype=None,
     x_test=None,
     y_test=None,
     on_nonfinite: str = "stop",
@@ -456,7 +476,7 @@ def fit(
         x_train, y_train: the training set; ``len(x) mod batch_size`` examples, a different
             few each epoch, sit out each epoch.
         key: the PRNG key the epoch shuffles are drawn from.
-        epochs, batch_size, grads, l2: as in :func:`make_train_epoch`.
+        epochs, batch_size, grads, l2, compute_dtype: as in :func:`make_train_epoch`.
         x_test, y_test: evaluated after every epoch when given.
         on_nonfinite: ``"stop"``: a step whose loss, any gradient entry or any updated
             parameter is non-finite ends the run with :class:`NonFiniteError` (naming the step
@@ -502,6 +522,7 @@ def fit(
     _check_batch_size(epochs, "epochs")
     _check_config(model, optimizer, grads, l2)
     _check_batch_size(batch_size)
+    compute_dtype = check_compute_dtype(compute_dtype)
     if on_nonfinite not in ON_NONFINITE:
         raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
     if checkpoint_every is not None:
@@ -526,6 +547,7 @@ def fit(
     settings = {  # a resumed run must agree on all of these to continue bit for bit
         "batch_size": batch_size, "steps_per_epoch": steps_per_epoch, "chunk": every,
         "grads": grads, "l2": float(l2), "on_nonfinite": on_nonfinite,
+        "compute_dtype": None if compute_dtype is None else jnp.dtype(compute_dtype).name,
         "n_train": len(x_train), "devices": 1 if mesh is None else mesh.size,
     }  # fmt: skip
 
@@ -558,7 +580,16 @@ def fit(
         )
         x_train, y_train = jax.device_put((x_train, y_train), replicated)
     run = jax.jit(
-        _steps_fn(model, optimizer, batch_size, grads, l2, batch_sharding, on_nonfinite == "skip"),
+        _steps_fn(
+            model,
+            optimizer,
+            batch_size,
+            grads,
+            l2,
+            compute_dtype,
+            batch_sharding,
+            on_nonfinite == "skip",
+        ),  # fmt: skip
         static_argnums=6,
     )
 
@@ -608,7 +639,11 @@ def fit(
                         state.seconds + time.perf_counter() - start,
                     )  # fmt: skip
                     if x_test is not None:
-                        record["test_loss"] = float(loss_fn(params, model, x_test, y_test, l2=l2))
+                        record["test_loss"] = float(
+                            loss_fn(
+                                params, model, x_test, y_test, l2=l2, compute_dtype=compute_dtype
+                            )
+                        )
                         if _is_classification(model, y_test):
                             record["test_accuracy"] = float(accuracy(params, model, x_test, y_test))
                     history = [*history, record]

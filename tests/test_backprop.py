@@ -176,6 +176,75 @@ def test_bfloat16_params_and_inputs_run_and_stay_close_to_float32():
         assert float(jnp.linalg.norm(g - e)) <= 2e-2 * float(jnp.linalg.norm(e))
 
 
+# ----------------------------------------------------------------------------------------------
+# Mixed precision: bfloat16 compute, float32 master params.
+
+
+def _rel_errors(a, b):
+    return [
+        float(jnp.linalg.norm(u - v) / jnp.linalg.norm(v))
+        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    ]
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "gelu"])
+def test_mixed_precision_grads_match_jax_grad_of_the_same_mixed_loss(activation):
+    model = fnbp.MLP((64, 128, 128, 10), activation)
+    params = fnbp.init_params(jax.random.key(0), model)
+    x, y = random_data(jax.random.key(1), model, 32)
+    result = fnbp.backprop(params, model, x, y, l2=1e-3, compute_dtype=jnp.bfloat16)
+    loss, reference = fnbp.autodiff_grads(params, model, x, y, l2=1e-3, compute_dtype=jnp.bfloat16)
+    # float32 master params in, float32 loss and grads out; the error signals stay bfloat16.
+    assert result.loss.dtype == jnp.float32
+    chex.assert_trees_all_equal_shapes_and_dtypes(result.grads, params)
+    assert all(d.dtype == jnp.bfloat16 for d in result.deltas)
+    # Both round every matmul and activation to bfloat16 (2⁻⁹ ≈ 2e-3), at different places
+    # (jax.grad rounds Σδaᵀ to bfloat16, backprop accumulates it in float32): measured 2e-3 to
+    # 1.2e-2 here; 5e-2 is crosscheck's documented tolerance for this mode.
+    assert max(_rel_errors(result.grads, reference)) < 5e-2
+    assert float(abs(result.loss - loss)) < 1e-3 * float(loss)
+
+
+def test_mixed_precision_grads_are_close_to_float32_grads():
+    # tanh, so that the comparison measures rounding; under ReLU a pre-activation that bfloat16
+    # rounding moves across 0 switches its unit off, a different function (measured 3-9%).
+    model = fnbp.MLP((64, 128, 128, 10), "tanh")
+    params = fnbp.init_params(jax.random.key(0), model)
+    x, y = random_data(jax.random.key(1), model, 128)
+    mixed = fnbp.backprop(params, model, x, y, compute_dtype=jnp.bfloat16)
+    full = fnbp.backprop(params, model, x, y)
+    # bfloat16 keeps 8 mantissa bits; measured worst leaf 9e-3, loss 1e-4 relative.
+    assert max(_rel_errors(mixed.grads, full.grads)) < 3e-2
+    assert float(abs(mixed.loss - full.loss)) < 2e-3 * float(full.loss)
+
+
+def test_mixed_precision_backward_matmuls_all_run_in_bfloat16():
+    """A float32 δ⁽ᴸ⁾ (from the float32 softmax) or a float32 master W meeting a bfloat16 operand
+    would silently promote the matmul to float32: twice the time of jax.grad on a GPU. Every dot
+    must take bfloat16 operands, and the weight-gradient dots must accumulate into float32."""
+    model = fnbp.MLP((16, 32, 32, 10))
+    params = fnbp.init_params(jax.random.key(0), model)
+    x, y = random_data(jax.random.key(1), model, 8)
+    step = jax.jit(lambda p: backprop_module._backprop(p, model, x, y, 1e-3, jnp.bfloat16)[:2])
+    hlo = step.lower(params).as_text()
+    dots = [line for line in hlo.splitlines() if "dot_general" in line]
+    assert len(dots) == 3 + 3 + 2  # forward, Σδaᵀ per layer, Wᵀδ below the output layer
+    for line in dots:
+        operands = line.split(":")[-1].split("->")[0]
+        assert operands.count("bf16") == 2 and "f32" not in operands, line
+    assert sum(line.split("->")[-1].strip().endswith("xf32>") for line in dots) == 3
+
+
+def test_compute_dtype_must_be_a_floating_dtype():
+    model = fnbp.MLP((4, 3))
+    params = fnbp.init_params(jax.random.key(0), model)
+    x, y = random_data(jax.random.key(1), model, 2)
+    with pytest.raises(TypeError, match="compute_dtype"):
+        fnbp.backprop(params, model, x, y, compute_dtype=jnp.int8)
+    with pytest.raises(TypeError, match="compute_dtype"):
+        fnbp.loss(params, model, x, y, compute_dtype="bf16x")
+
+
 def test_one_hot_and_integer_labels_give_the_same_grads():
     model = fnbp.MLP((5, 6, 4))
     params = fnbp.init_params(jax.random.key(0), model)

@@ -148,6 +148,47 @@ def test_crosscheck_in_bfloat16_uses_the_bfloat16_tolerance():
     assert "vs finite diff" not in str(report)
 
 
+def test_crosscheck_in_mixed_precision_passes_at_the_bfloat16_tolerance_and_says_so():
+    model = fnbp.MLP((784, 16, 16, 10))
+    params = fnbp.init_params(jax.random.key(1), model)
+    x, y = random_data(jax.random.key(2), model, 32)
+    report = fnbp.crosscheck(params, model, x, y, l2=1e-3, compute_dtype=jnp.bfloat16)
+    assert report.passed, str(report)
+    assert report.dtype == "float32" and report.compute_dtype == "bfloat16"
+    assert report.rtol_autodiff == 5e-2
+    assert "float32 params, bfloat16 compute" in str(report)
+    assert "vs jax.grad (bfloat16 compute)" in str(report)
+    # bfloat16 rounding shows in the first comparison (measured up to 6e-3 here; XLA may merge
+    # identical subgraphs of the two in one program, so some leaves agree exactly) ...
+    assert all(leaf.autodiff_error < 2e-2 for leaf in report.leaves)
+    assert max(leaf.autodiff_error for leaf in report.leaves) > 1e-4
+    # ... while the float64 and finite-difference checks of the math are unchanged.
+    assert all(leaf.autodiff64_error < 1e-10 and leaf.fd_error < 1e-6 for leaf in report.leaves)
+
+
+def test_mixed_precision_crosscheck_catches_a_gradient_wrong_by_ten_percent(monkeypatch):
+    """A bug only on the mixed-precision path (the float64 checks do not see it) must fail."""
+    model = fnbp.MLP((6, 5, 4), "tanh")
+    params = fnbp.init_params(jax.random.key(0), model)
+    x, y = random_data(jax.random.key(1), model, 7)
+    real = crosscheck_module._backprop_jit
+
+    def wrong_in_bfloat16(params, model, x, y, l2, compute_dtype):
+        result = real(params, model, x, y, l2, compute_dtype)
+        if compute_dtype is None:
+            return result
+        grads = [dict(g) for g in result.grads]
+        grads[1]["W"] = grads[1]["W"] * 1.1
+        return result._replace(grads=grads)
+
+    monkeypatch.setattr(crosscheck_module, "_backprop_jit", wrong_in_bfloat16)
+    report = fnbp.crosscheck(params, model, x, y, compute_dtype=jnp.bfloat16)
+    assert not report.passed
+    assert [leaf.passed for leaf in report.leaves] == [True, True, False, True]
+    assert report.leaves[2].autodiff_error == pytest.approx(0.1, abs=0.02)
+    assert report.leaves[2].autodiff64_error < 1e-10
+
+
 def test_autodiff_grads_equal_jax_value_and_grad_of_loss():
     model = fnbp.MLP((4, 3))
     params = fnbp.init_params(jax.random.key(0), model)
