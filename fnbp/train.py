@@ -80,8 +80,12 @@ def _step_fn(model, optimizer, grads, l2, compute_dtype=None, skip_nonfinite=Fal
         loss, g = value_and_grads(params, x, y)
         updates, new_opt_state = optimizer.update(g, opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        finite = lambda tree: jnp.stack(  # noqa: E731  (L,): every entry of layer l finite
-            [jnp.isfinite(p["W"]).all() & jnp.isfinite(p["b"]).all() for p in tree]
+        # (L,): every entry of layer l is finite. A sum is finite exactly when its entries are,
+        # unless it overflows (|Σ| past the dtype's range, entries ~1e32 in float32: a blown-up
+        # run either way); it fuses into passes XLA makes anyway, where isfinite(v).all() cost
+        # ~10% of a 784-1024-1024-10 step on CPU.
+        finite = lambda tree: jnp.stack(  # noqa: E731
+            [jnp.isfinite(jnp.sum(p["W"])) & jnp.isfinite(jnp.sum(p["b"])) for p in tree]
         )
         metrics = {
             "loss": loss,

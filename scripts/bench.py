@@ -244,33 +244,37 @@ def matmul_ceiling(dtype: str, sizes, repeats: int) -> dict:
     return {"tflops_by_size": out, "tflops": max(out.values())}
 
 
-def step_matmuls(sizes, batch: int, dtype: str, repeats: int) -> dict:
+def step_matmuls(sizes, batch: int, dtype: str, repeats: int, population: int = 0) -> dict:
     """The matmuls of one train step alone (forward z = aWᵀ, Σδaᵀ for every layer, Wᵀδ for
-    every layer but the first), as one jitted program: what the step's matmuls can reach."""
+    every layer but the first), as one jitted program: what the step's matmuls can reach.
+    With ``population`` > 0, the same for that many models at once (``vmap``, as in
+    :func:`fnbp.make_population_epoch`)."""
     dt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    lead = (population,) if population else ()
     keys = iter(jax.random.split(jax.random.key(0), 3 * len(sizes)))
-    acts = [jax.random.normal(next(keys), (batch, n), dt) for n in sizes]
+    acts = [jax.random.normal(next(keys), (*lead, batch, n), dt) for n in sizes]
     Ws = [
-        jax.random.normal(next(keys), (o, i), dt)
+        jax.random.normal(next(keys), (*lead, o, i), dt)
         for i, o in zip(sizes[:-1], sizes[1:], strict=True)
     ]
 
-    @jax.jit
-    def matmuls(acts, Ws):
+    def one(acts, Ws):
         out = [acts[l] @ W.T for l, W in enumerate(Ws)]  # forward
         out += [acts[l + 1].T @ acts[l] for l in range(len(Ws))]  # Σδaᵀ (δ has z's shape)
         out += [acts[l + 1] @ W for l, W in enumerate(Ws) if l > 0]  # Wᵀδ
         return out
 
+    matmuls = jax.jit(jax.vmap(one) if population else one)
     jax.block_until_ready(matmuls(acts, Ws))
     t = statistics.median(
         _time(lambda: jax.block_until_ready(matmuls(acts, Ws)), 3) for _ in range(repeats)
     )
-    flops = 2 * batch * (3 * weights(sizes) - sizes[0] * sizes[1])
+    flops = 2 * batch * (3 * weights(sizes) - sizes[0] * sizes[1]) * max(population, 1)
     return {
         "sizes": list(sizes),
         "batch": batch,
         "dtype": dtype,
+        "population": population,
         "ms": 1e3 * t,
         "tflops": flops / t / 1e12,
     }
@@ -426,6 +430,17 @@ def sweep_section(args) -> dict:
     result["speedup_population_over_loop"] = (
         result["vmap_population_scan"]["model_steps_per_s"]
         / result["python_loop"]["model_steps_per_s"]
+    )
+    # A floor no fused form can beat: the population's matmuls alone, vmapped like its step.
+    floor = step_matmuls((64, 128, 128, 10), batch, "float32", max(3, args.repeats), P)
+    result["matmul_floor_us_per_model_step"] = 1e3 * floor["ms"] / P
+    result["matmul_floor_tflops"] = floor["tflops"]
+    result["max_speedup_over_loop"] = (1e6 / result["python_loop"]["model_steps_per_s"]) / result[
+        "matmul_floor_us_per_model_step"
+    ]
+    log(
+        f"  matmuls alone: {result['matmul_floor_us_per_model_step']:.1f} µs per model-step, "
+        f"at most {result['max_speedup_over_loop']:.1f}× the loop"
     )
     return result
 
@@ -734,7 +749,11 @@ def markdown(result) -> str:
             ],
         ),  # fmt: skip
         "",
-        f"vmapped population + scan: {sw['speedup_population_over_loop']:.1f}× the Python loop.",
+        f"vmapped population + scan: {sw['speedup_population_over_loop']:.1f}× the Python loop. "
+        f"The population's matmuls alone (forward, Σδaᵀ, Wᵀδ of all {sw['models']} models, "
+        f"vmapped, nothing else) take {sw['matmul_floor_us_per_model_step']:.1f} µs per "
+        f"model-step ({1e3 * sw['matmul_floor_tflops']:.0f} GFLOP/s), so no program that "
+        f"does them can beat the loop by more than {sw['max_speedup_over_loop']:.1f}× here.",
         "",
         "## Per-example gradients",
         "",
@@ -842,9 +861,11 @@ def closing_notes(result, on_gpu: bool) -> list[str]:
                 f"{1e6 / sw['scan_epoch']['model_steps_per_s']:.0f} µs of compute (matmuls of "
                 "32 rows run far below the matmul ceiling), against "
                 f"{1e6 / sw['python_loop']['model_steps_per_s']:.0f} µs per step in the Python "
-                "loop, and vmapping 64 models batches those small matmuls without making them "
-                "cheaper. Fusing removes only the dispatch share, so no fused form can reach 5× "
-                "here; on a GPU, where a step is almost all dispatch, it is the other way round."
+                f"loop; the population's matmuls alone, vmapped, take "
+                f"{sw['matmul_floor_us_per_model_step']:.1f} µs per model-step, so no fused form "
+                f"can beat the loop by more than {sw['max_speedup_over_loop']:.1f}× on this "
+                "CPU. On a GPU, where a small step is almost all dispatch, it is the other way "
+                "round."
             )
         elif t["met"] is False and t["target"].startswith("full FD"):
             notes.append(

@@ -58,6 +58,7 @@ def test_bench_quick_writes_every_section_with_positive_numbers(tmp_path):
     for method in ("python_loop", "scan_epoch", "vmap_population_scan"):
         assert _positive(sweep[method]["model_steps_per_s"]), method
     assert _positive(sweep["speedup_population_over_loop"])
+    assert _positive(sweep["max_speedup_over_loop"])
 
     for r in result["per_example"]:
         assert _positive(r["manual"]["samples_per_s"]) and _positive(r["speedup_manual"])
