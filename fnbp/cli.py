@@ -28,9 +28,10 @@ DEFAULT_SIZES = {
 # The settings a run folder's config.json keeps and --resume reads back.
 TRAIN_SETTINGS = (
     "dataset", "data_dir", "sizes", "activation", "loss", "output_activation", "init", "seed",
-    "l2", "optimizer", "lr", "momentum", "batch_size", "epochs", "grads", "checkpoint_every",
-    "on_nonfinite", "devices",
+    "l2", "optimizer", "lr", "momentum", "batch_size", "epochs", "grads", "compute_dtype",
+    "checkpoint_every", "on_nonfinite", "devices",
 )  # fmt: skip
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 class UsageError(Exception):
@@ -137,6 +138,10 @@ def _parser(raise_errors: bool = False) -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_positive(int), default=30)
     t.add_argument("--grads", default="manual", choices=("manual", "autodiff"))
     t.add_argument(
+        "--compute-dtype", default="float32", choices=COMPUTE_DTYPES,
+        help="bfloat16: mixed precision (bf16 matmuls, float32 params, loss and softmax)",
+    )  # fmt: skip
+    t.add_argument(
         "--checkpoint-every", type=_positive(int), metavar="N",
         help="save a checkpoint every N steps within an epoch (always at each epoch's end)",
     )  # fmt: skip
@@ -162,6 +167,10 @@ def _parser(raise_errors: bool = False) -> argparse.ArgumentParser:
     model_args(c, "784,16,16,10")
     c.add_argument("--batch-size", type=_positive(int), default=32)
     c.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16"))
+    c.add_argument(
+        "--compute-dtype", choices=COMPUTE_DTYPES,
+        help="check the mixed-precision gradients (params in --dtype, matmuls in this dtype)",
+    )  # fmt: skip
     c.add_argument("--no-fd", action="store_true", help="skip the finite differences")
     return parser
 
@@ -368,7 +377,8 @@ def _run_training(args, argv, stop: _StopOnSignal) -> int:
         params, _, history = fit(
             model, optimizer, params, ds.x_train, ds.y_train,
             key=k_data, epochs=args.epochs, batch_size=args.batch_size, grads=args.grads,
-            l2=args.l2, x_test=ds.x_test, y_test=ds.y_test, on_nonfinite=args.on_nonfinite,
+            l2=args.l2, compute_dtype=_compute_dtype(args.compute_dtype), x_test=ds.x_test,
+            y_test=ds.y_test, on_nonfinite=args.on_nonfinite,
             checkpoint_dir=checkpoints, checkpoint_every=args.checkpoint_every, resume=resume,
             config=settings, mesh=mesh, should_stop=stop, progress=not args.no_progress,
             on_epoch=log,
@@ -398,6 +408,13 @@ def _run_training(args, argv, stop: _StopOnSignal) -> int:
     return 0
 
 
+def _compute_dtype(name: str | None):
+    """``None`` for float32 (compute in the params' dtype), else the jnp dtype."""
+    import jax.numpy as jnp
+
+    return None if name in (None, "float32") else jnp.dtype(name)
+
+
 def _check(args) -> int:
     import jax
     import jax.numpy as jnp
@@ -421,7 +438,10 @@ def _check(args) -> int:
             y = jax.random.bernoulli(k_y, 0.5, (args.batch_size, n_out)).astype(dtype)
         else:
             y = jax.random.normal(k_y, (args.batch_size, n_out), dtype)
-        report = crosscheck(params, model, x, y, l2=args.l2, finite_differences=not args.no_fd)
+        report = crosscheck(
+            params, model, x, y, l2=args.l2, finite_differences=not args.no_fd,
+            compute_dtype=_compute_dtype(args.compute_dtype),
+        )  # fmt: skip
     print(report)
     return 0 if report.passed else 1
 

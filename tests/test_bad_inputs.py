@@ -148,6 +148,8 @@ API = [
     ("fit-empty", lambda w: _fit(x=X[:0], y=Y[:0]), ValueError, "x_train is empty"),
     ("fit-nan-test-data", lambda w: _fit(x_test=_with(X, 0, np.inf), y_test=Y), ValueError,
      "x_test holds 4 NaN or Inf values"),
+    ("compute-dtype-int", lambda w: fnbp.backprop(_params(), MODEL, X, Y, compute_dtype=jnp.int8),
+     TypeError, "compute_dtype must be a floating dtype"),
     ("fit-unknown-guard", lambda w: _fit(on_nonfinite="ignore"), ValueError,
      "on_nonfinite must be one of ('stop', 'skip')"),
     ("fit-checkpoint-folder-in-use", lambda w: (
@@ -262,6 +264,8 @@ CLI = [
     ("devices-zero", ["train", "--devices", "0"], "argument --devices: expected a positive int"),
     ("devices-too-many", ["train", *SMALL, "--devices", "64"], "--devices 64: devices must be"),
     ("unknown-guard", ["train", "--on-nonfinite", "ignore"], "argument --on-nonfinite"),
+    ("unknown-compute-dtype", ["train", "--compute-dtype", "float16"],
+     "argument --compute-dtype: invalid choice: 'float16'"),
     ("resume-missing", ["train", "--resume", "nowhere"], "--resume nowhere: no such run folder"),
     ("resume-not-a-run", ["train", "--resume", "old-run"], "it has no config.json"),
     ("resume-with-options", ["train", "--resume", "old-run", "--lr", "0.1"], "drop --lr"),

@@ -582,3 +582,20 @@ def test_devices_splits_batches_over_4_cpu_devices_and_refuses_what_does_not_fit
         lines = out[bad]["err"].strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("fnbp: error:") and match in lines[0]
         assert not (tmp_path / bad).exists()
+
+
+def test_train_mixed_precision_keeps_float32_params_and_learns(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", *SMALL, "--compute-dtype", "bfloat16", "--out", str(out)])
+    assert rc == 0
+    params, _ = load_params(out / "params.npz")
+    assert params[0]["W"].dtype == np.float32  # the master copy
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["test_accuracy"] > 0.85  # like float32 (3 epochs: ~0.95)
+    assert json.loads((out / "config.json").read_text())["compute_dtype"] == "bfloat16"
+
+
+def test_check_mixed_precision_passes_at_its_tolerance(capsys):
+    assert main([*CHECK, "--compute-dtype", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert "rtol: jax.grad 0.05 (bfloat16 compute)" in out and out.strip().endswith("PASSED")
