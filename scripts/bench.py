@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import re
@@ -67,7 +68,8 @@ QUICK_CROSSCHECK_SIZES = (64, 8, 8, 10)  # --quick: the same code, a network 20�
 
 
 def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    """Progress on stderr (stdout carries the torch worker's JSON)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def weights(sizes) -> int:
@@ -287,26 +289,32 @@ def _time(fn, n: int = 1) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def train_step_section(cases, torch, args, ceilings) -> list[dict]:
+def _case_label(config, sizes, batch, dtype) -> str:
+    return f"{config} {'-'.join(map(str, sizes))} batch {batch} {dtype}"
+
+
+def train_step_section(cases, torch_results, args, ceilings) -> list[dict]:
+    """JAX implementations timed here, interleaved with each other; PyTorch's come from
+    :func:`torch_worker` (its own process: with torch loaded, its OpenMP workers slowed the
+    XLA steps of this process by ~10% on a 2-core CPU, even between torch's runs)."""
     rows = []
     for config, sizes, batch, dtype in cases:
-        label = f"{config} {'-'.join(map(str, sizes))} batch {batch} {dtype}"
+        label = _case_label(config, sizes, batch, dtype)
         log(f"train step: {label}")
-        runners, notes = {}, {}
-        runners["fnbp manual"] = make_fnbp(sizes, batch, dtype, "manual")
-        runners["fnbp autodiff"] = make_fnbp(sizes, batch, dtype, "autodiff")
-        runners["flax + optax"] = make_flax(sizes, batch, dtype)
-        if torch is not None:
-            runners["torch eager"] = make_torch(torch, sizes, batch, dtype, compiled=False)
-            if args.torch_compile:
-                try:
-                    runners["torch.compile"] = make_torch(torch, sizes, batch, dtype, True)
-                except Exception as e:  # noqa: BLE001  (any compile failure is a result)
-                    notes["torch.compile"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
-                    log(f"  torch.compile {notes['torch.compile']}")
-            else:
-                notes["torch.compile"] = "not run (--quick or --no-torch-compile)"
+        runners = {
+            "fnbp manual": make_fnbp(sizes, batch, dtype, "manual"),
+            "fnbp autodiff": make_fnbp(sizes, batch, dtype, "autodiff"),
+            "flax + optax": make_flax(sizes, batch, dtype),
+        }
         times = _interleaved(runners, args.repeats, args.target_s)
+        compile_s = {k: r["compile_s"] for k, r in runners.items()}
+        peak = {k: r["peak_bytes"] for k, r in runners.items()}
+        notes = {}
+        for impl, got in (torch_results or {}).get("cases", {}).get(label, {}).items():
+            if "note" in got:
+                notes[impl] = got["note"]
+            else:
+                times[impl], compile_s[impl], peak[impl] = got["times"], got["compile_s"], None
         flops = 6 * weights(sizes) * batch
         for impl, ts in times.items():
             t = statistics.median(ts)
@@ -321,8 +329,8 @@ def train_step_section(cases, torch, args, ceilings) -> list[dict]:
                     "times_ms": [1e3 * v for v in ts],
                     "tflops": flops / t / 1e12,
                     "ceiling_fraction": flops / t / 1e12 / ceilings[dtype]["tflops"],
-                    "compile_s": runners[impl]["compile_s"],
-                    "peak_bytes": runners[impl]["peak_bytes"],
+                    "compile_s": compile_s[impl],
+                    "peak_bytes": peak[impl],
                 }
             )
             log(f"  {impl:14s} {1e3 * t:9.3f} ms  {flops / t / 1e12:8.4f} TFLOP/s")
@@ -446,6 +454,7 @@ def sweep_section(args) -> dict:
 
 
 def per_example_section(args, on_gpu: bool) -> list[dict]:
+    from fnbp.backprop import _per_example_grads_jit
     from fnbp.model import _loss
 
     cases = [((64, 128, 128, 10), 32 if args.quick else 128)]
@@ -460,8 +469,10 @@ def per_example_section(args, on_gpu: bool) -> list[dict]:
             one = lambda xi, yi: jax.grad(_loss)(p, model, xi[None], yi[None], 0.0)  # noqa: E731
             return jax.vmap(one)(x, y)
 
+        # Both jitted programs, bare: fnbp.per_example_grads also checks its arguments in
+        # Python first (shapes, label range), which the reference would not pay.
         fns = {
-            "manual": lambda p, x, y, model=model: fnbp.per_example_grads(p, model, x, y),
+            "manual": lambda p, x, y, model=model: _per_example_grads_jit(p, model, x, y, 0.0),
             "vmap(jax.grad)": jax.jit(reference),
         }
         runners = {}
@@ -510,7 +521,7 @@ print(json.dumps({{"first_s": t1 - t0, "second_s": t2 - t1, "passed": report.pas
 """
 
 
-def crosscheck_section(torch, args) -> dict:
+def crosscheck_section(torch_results, args) -> dict:
     sizes = QUICK_CROSSCHECK_SIZES if args.quick else CROSSCHECK_SIZES
     log(f"cross-check cost: {'-'.join(map(str, sizes))}, batch 32, float64")
     runs = []
@@ -531,12 +542,58 @@ def crosscheck_section(torch, args) -> dict:
         "kinks": runs[0]["kinks"],
     }
     log(f"  fnbp.crosscheck {result['fnbp_first_s']:.2f} s (compile included)")
-    if torch is not None:
-        runs = [_torch_gradcheck(torch, sizes) for _ in range(1 if args.quick else 3)]
+    if torch_results is not None:
+        runs = torch_results["gradcheck_s_runs"]
         result["torch_gradcheck_s"] = statistics.median(runs)
         result["torch_gradcheck_s_runs"] = runs
         log(f"  torch.autograd.gradcheck {result['torch_gradcheck_s']:.2f} s")
     return result
+
+
+def torch_worker(spec: dict) -> dict:
+    """The PyTorch peers, in a process of their own (``--torch-worker``): every case's eager
+    and ``torch.compile`` steps (interleaved with each other) and ``gradcheck`` runs."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls as XLA runs them on GPUs
+        torch.backends.cudnn.allow_tf32 = True
+    out = {"version": torch.__version__, "cases": {}}
+    for config, sizes, batch, dtype in spec["cases"]:
+        label = _case_label(config, sizes, batch, dtype)
+        log(f"torch train step: {label}")
+        runners, got = {"torch eager": make_torch(torch, sizes, batch, dtype, compiled=False)}, {}
+        if spec["torch_compile"]:
+            try:
+                runners["torch.compile"] = make_torch(torch, sizes, batch, dtype, True)
+            except Exception as e:  # noqa: BLE001  (any compile failure is a result)
+                got["torch.compile"] = {"note": f"failed: {type(e).__name__}: {str(e)[:200]}"}
+                log(f"  torch.compile {got['torch.compile']['note']}")
+        else:
+            got["torch.compile"] = {"note": "not run (--quick or --no-torch-compile)"}
+        for impl, ts in _interleaved(runners, spec["repeats"], spec["target_s"]).items():
+            got[impl] = {"times": ts, "compile_s": runners[impl]["compile_s"]}
+            log(f"  {impl:14s} {1e3 * statistics.median(ts):9.3f} ms")
+        out["cases"][label] = got
+    sizes = tuple(spec["crosscheck_sizes"])
+    out["gradcheck_s_runs"] = [_torch_gradcheck(torch, sizes) for _ in range(spec["gradchecks"])]
+    return out
+
+
+def _run_torch_worker(cases, args) -> dict | None:
+    """:func:`torch_worker` in a subprocess, or ``None`` when torch is not installed."""
+    if args.no_torch or importlib.util.find_spec("torch") is None:
+        return None
+    spec = {
+        "cases": cases, "torch_compile": args.torch_compile, "repeats": args.repeats,
+        "target_s": args.target_s, "gradchecks": 1 if args.quick else 3,
+        "crosscheck_sizes": QUICK_CROSSCHECK_SIZES if args.quick else CROSSCHECK_SIZES,
+    }  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, __file__, "--torch-worker", json.dumps(spec)],
+        stdout=subprocess.PIPE, text=True, check=True, cwd=ROOT,
+    )  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _torch_gradcheck(torch, sizes) -> float:
@@ -682,7 +739,9 @@ def markdown(result) -> str:
         "",
         "## Train step (SGD + momentum 0.9, ReLU MLP, softmax cross-entropy)",
         "",
-        "Median of interleaved timed repeats after warm-up. TFLOP/s counts 6 · weights · batch per "
+        "Median of interleaved timed repeats after warm-up (the JAX implementations interleaved "
+        "with each other, then PyTorch's, whose spinning OpenMP workers would slow whatever runs "
+        "beside them). TFLOP/s counts 6 · weights · batch per "
         "step; the ceiling is the best large square XLA matmul of the same dtype in this run: "
         + ", ".join(
             f"{d} {c['tflops'] * 1e3:.1f} GFLOP/s" for d, c in result["matmul_ceiling"].items()
@@ -845,13 +904,21 @@ def closing_notes(result, on_gpu: bool) -> list[str]:
                 "and example, memory-bound), so the ratio is noise around 1."
             )
         elif t["met"] is False and t["target"].startswith("CPU medium"):
+            peers = ", ".join(
+                f"{r['impl']} {100 * r['ceiling_fraction']:.1f}%"
+                for r in result["train_step"]
+                if r["config"] == "medium" and r["batch"] == 256 and r["dtype"] == "float32"
+                and r.get("median_ms") is not None and r["impl"] != "fnbp manual"
+            )  # fmt: skip
             notes.append(
-                f"{t['target']}: missed at {t['measured']}. The ceiling is a square matmul; "
-                "a batch-256 step's matmuls are thinner (K = 256 in Σδaᵀ, which XLA's CPU "
-                "backend hands to Eigen as a transposed-operand dot rather than to YNNPACK) "
-                "and reach only the fraction shown when run alone, and the step adds "
-                "memory-bound passes (ReLU masks, softmax, the momentum update, the per-layer "
-                "gradient norms fnbp reports). Flax and jax.grad land at the same place."
+                f"{t['target']}: missed at {t['measured']}; in the same run {peers}. The "
+                "ceiling is a square matmul; a batch-256 step's matmuls are thinner (K = 256 "
+                "in Σδaᵀ, which XLA's CPU backend hands to Eigen as a transposed-operand dot "
+                "rather than to YNNPACK) and reach only the fraction shown when run alone, and "
+                "the step adds memory-bound passes (ReLU masks, softmax, the momentum update). "
+                "Both fnbp steps also make one pass over the gradients for the per-layer norms "
+                "and finiteness flags that fnbp's logging and divergence guard read, which the "
+                "Flax peer does not compute."
             )
         elif t["met"] is False and t["target"].startswith("sweep") and not on_gpu:
             sw = result["sweep"]
@@ -900,7 +967,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-torch-compile", action="store_true", help="eager PyTorch only")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation")
     p.add_argument("--target-s", type=float, default=None, help="seconds per timed repeat")
+    p.add_argument("--torch-worker", metavar="SPEC", help=argparse.SUPPRESS)  # internal
     args = p.parse_args(argv)
+    if args.torch_worker:
+        print(json.dumps(torch_worker(json.loads(args.torch_worker))))
+        return 0
     start, load_start = time.perf_counter(), os.getloadavg()[0]
     backend = jax.default_backend()
     on_gpu = backend == "gpu"
@@ -908,16 +979,6 @@ def main(argv=None) -> int:
     args.repeats = args.repeats or (2 if args.quick else 15)
     args.target_s = args.target_s or (0.005 if args.quick else 0.15)
     args.torch_compile = not (args.quick or args.no_torch_compile)
-
-    torch = None
-    if not args.no_torch:
-        try:
-            import torch
-        except ImportError:
-            torch = None
-    if torch is not None and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls as XLA runs them on GPUs
-        torch.backends.cudnn.allow_tf32 = True
 
     names = (
         args.configs.split(",") if args.configs else (["small"] if args.quick else list(CONFIGS))
@@ -935,9 +996,9 @@ def main(argv=None) -> int:
         for b in (CONFIGS[n][1][:1] if args.quick else CONFIGS[n][1])
         for d in dtypes
     ]
-    log(
-        f"device {kind} ({backend}); torch {'off' if torch is None else torch.__version__}; {len(cases)} step cases"
-    )
+    log(f"device {kind} ({backend}); {len(cases)} step cases")
+    torch_results = _run_torch_worker(cases, args)  # first, so its process is gone before ours
+    log(f"torch: {'off' if torch_results is None else torch_results['version']}")
 
     sizes = (256, 512) if args.quick else ((4096, 8192, 16384) if on_gpu else (1024, 2048, 4096))
     ceilings = {}
@@ -956,13 +1017,13 @@ def main(argv=None) -> int:
             f"{mm['tflops'] * 1e3:.1f} GFLOP/s")  # fmt: skip
 
     result = {"matmul_ceiling": ceilings}
-    result["train_step"] = train_step_section(cases, torch, args, ceilings)
+    result["train_step"] = train_step_section(cases, torch_results, args, ceilings)
     result["ratios"] = ratios(result["train_step"])
     for s in result["train_step"]:
         s.pop("paired_ratios", None)
     result["sweep"] = sweep_section(args)
     result["per_example"] = per_example_section(args, on_gpu)
-    result["crosscheck"] = crosscheck_section(torch, args)
+    result["crosscheck"] = crosscheck_section(torch_results, args)
     env = environment()
     result["meta"] = {
         "device": kind,
@@ -972,7 +1033,7 @@ def main(argv=None) -> int:
         "jax_version": jax.__version__,
         "flax_version": flax.__version__,
         "optax_version": optax.__version__,
-        "torch_version": None if torch is None else torch.__version__,
+        "torch_version": None if torch_results is None else torch_results["version"],
         "python": env["python"],
         "git_commit": env["git_commit"],
         "git_dirty": _git_dirty(),
