@@ -12,7 +12,7 @@ Rows are examples, so ``Wᵀδ`` is ``δ @ W`` in code and ``Σₙ δ aᵀ`` is 
 
 A unit whose slope is exactly 0 (a dead ReLU, a sigmoid saturated to 0 or 1) passes back
 exactly 0, even where ``W⁽ˡ⁺¹⁾ᵀ δ⁽ˡ⁺¹⁾`` has overflowed to ±∞: the product would be 0·∞ = NaN,
-while ``jax.grad`` selects 0 for the ReLU's dead side. The output δ of the cross-entropies is
+while autodiff selects 0 for the ReLU's dead side. The output δ of the cross-entropies is
 ``p − y`` from a stable softmax or sigmoid (:mod:`fnbp.losses`), never a derivative of a
 ``log p`` that could be ``log 0``.
 
