@@ -2,7 +2,7 @@
 # The main job: the initialization study (He vs naive vs LeCun vs Glorot, trained on the
 # bundled digits at 5 and 30 hidden layers, 8 seeds each, plain SGD) and the gradient-stability
 # study at initialization (‖δ⁽ˡ⁾‖² across 30 layers of 512 units beside mean-field theory).
-# About 5 minutes on a 2-core CPU. Usage: bash scripts/run.sh [OUT_DIR]
+# About 2 minutes on a 2-core CPU. Usage: bash scripts/run.sh [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
