@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fnbp import checkpoint as ckpt
 from fnbp.backprop import _backprop
 from fnbp.data import _check_batch_size, epoch_indices
 from fnbp.initializers import InitScheme, init_params
@@ -520,7 +521,6 @@ def fit(
     """
     from tqdm.auto import tqdm
 
-    from fnbp import checkpoint as ckpt
     from fnbp.model import loss as loss_fn
 
     _check_batch_size(epochs, "epochs")
@@ -706,7 +706,6 @@ def _epoch_record(epoch, step, partial, on_nonfinite, seconds) -> dict:
 
 def _resume(found: list[Path], optimizer, model, params, key, settings) -> _Progress:
     """The :class:`_Progress` stored in the newest checkpoint of ``found``."""
-    from fnbp import checkpoint as ckpt
 
     path = found[-1]
     try:
