@@ -5,7 +5,7 @@ hand-written backward pass (:func:`backprop`) and by ``jax.grad`` (:func:`autodi
 and :func:`crosscheck` shows that they agree, with finite differences as a third witness.
 """
 
-from fnbp import checkpoint, data, diagnostics, report, theory
+from fnbp import checkpoint, data, diagnostics, engine, layers, report, theory
 from fnbp.activations import ACTIVATIONS, Activation
 from fnbp.backprop import Backprop, backprop, per_example_grads
 from fnbp.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -22,7 +22,8 @@ from fnbp.initializers import (
 )
 from fnbp.io import load_params, save_params
 from fnbp.losses import LOSSES, Loss
-from fnbp.model import MLP, accuracy, forward, loss
+from fnbp.model import MLP, accuracy, forward, init_state, loss
+from fnbp.net import Net
 from fnbp.train import (
     Interrupted,
     NonFiniteError,
@@ -40,6 +41,7 @@ __all__ = [
     "ACTIVATIONS",
     "LOSSES",
     "MLP",
+    "Net",
     "NonFiniteError",
     "SCHEMES",
     "Activation",
@@ -58,11 +60,14 @@ __all__ = [
     "data",
     "data_mesh",
     "diagnostics",
+    "engine",
     "fit",
     "forward",
     "from_flax",
     "init_params",
     "init_population",
+    "init_state",
+    "layers",
     "layer_stats",
     "load_checkpoint",
     "load_params",

@@ -23,8 +23,10 @@ bfloat16 too (a float32 δ would silently promote them all to float32), and ``Σ
 ``Σₙ δ`` accumulate in float32 (``preferred_element_type``), so the grads are float32.
 
 Each layer kind contributes a local rule: the affine map its :func:`dense_backward`, the
-activation its ``f′`` (:mod:`fnbp.activations`), the loss its output δ (:mod:`fnbp.losses`). A
-new kind of layer is a new local rule beside these, not a rewrite of the loop.
+activation its ``f′`` (:mod:`fnbp.activations`), the loss its output δ (:mod:`fnbp.losses`),
+and every other kind of :mod:`fnbp.layers` (convolution, pooling, normalization, dropout,
+residual blocks) its own rule beside its forward. One loop (:func:`fnbp.engine.backward_seq`)
+runs them from the last layer to the first; an MLP is the special case of Dense layers only.
 
 Nothing here uses JAX's automatic differentiation (no grad, vjp, jvp, linearize or custom
 derivative rules): this module is the independent computation that :func:`fnbp.crosscheck`
@@ -38,6 +40,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fnbp.engine import backward_seq, nested
+from fnbp.layers.dense import dense_backward  # noqa: F401  (re-exported: the MLP's rule)
 from fnbp.losses import to_targets
 from fnbp.model import (
     MLP,
@@ -45,11 +49,12 @@ from fnbp.model import (
     check_compute_dtype,
     check_inputs,
     check_l2,
+    check_mode,
     check_params,
-    forward_trace,
+    draw_batch_masks,
     l2_penalty,
-    no_l2,
     output_for_loss,
+    run,
 )
 
 Array = jax.Array
@@ -61,116 +66,131 @@ class Backprop(NamedTuple):
     Attributes:
         loss: the scalar mean loss, penalty included, in the params' dtype.
         grads: ``∂L/∂params``, same structure, shapes and dtypes as ``params``.
-        deltas: ``deltas[l] = δ = ∂L/∂z`` of the layer ``params[l]``, shape ``(batch, n)``, in
-            the compute dtype (like ``preactivations`` and ``activations``).
-        preactivations: ``preactivations[l] = z`` of the layer ``params[l]``.
-        activations: ``activations[l] = a = f(z)``, the output of layer ``params[l]``.
+        deltas: ``deltas[i] = δ = ∂L/∂z`` of layer ``model.layers[i]`` (its output before its
+            activation), shape ``(batch, *out_shape)``, in the compute dtype (like
+            ``preactivations`` and ``activations``). For a residual block the entry is
+            ``{"out": δ of the stream, "branch": [the branch's deltas]}``.
+        preactivations: ``preactivations[i] = z`` of layer ``i`` (nested like ``deltas``).
+        activations: ``activations[i] = a = f(z)``, the output of layer ``i``; the input of
+            layer ``i`` is ``activations[i − 1]`` (``x`` for the first).
+        state: the new state (BatchNorm running statistics after this batch in train mode);
+            ``None`` for an MLP.
     """
 
     loss: Array
     grads: Params
-    deltas: list[Array]
-    preactivations: list[Array]
-    activations: list[Array]
+    deltas: list
+    preactivations: list
+    activations: list
+    state: list | None = None
 
 
-def dense_backward(p: dict[str, Array], a_prev: Array, delta: Array, l2) -> tuple[dict, Array]:
-    """Local backward rule of the affine map ``z = W a_prev + b``.
+def _backprop(params, model, x, y, l2, compute_dtype=None, state=None, masks=None, train=False) -> Backprop:
+    layers, loss_fn = model.layers, model.loss_fn
+    # z⁽ⁱ⁾ = op_i(a⁽ⁱ⁻¹⁾), a⁽ⁱ⁾ = f_i(z⁽ⁱ⁾); a⁽⁰⁾ = x; in compute_dtype when given
+    tr = run(params, model, x, state=state, masks=masks, train=train, compute_dtype=compute_dtype)
+    z_out, a_out = output_for_loss(params, tr.z[-1], tr.a[-1])  # float32 logits under mixed precision
+    t = to_targets(loss_fn, y, model.output_size, z_out.dtype)
+    loss = jnp.mean(loss_fn.value(z_out, a_out, t)) + l2_penalty(params, model, l2)
 
-    Arguments:
-        p: ``{"W": (n_out, n_in), "b": (n_out,)}``, the (master) parameters.
-        a_prev: the layer's input a⁽ˡ⁻¹⁾, shape ``(batch, n_in)``.
-        delta: δ⁽ˡ⁾ = ∂L/∂z⁽ˡ⁾, shape ``(batch, n_out)``, in the compute dtype.
-        l2: the L2 strength λ.
-
-    Returns:
-        ``(grads, back)``: ``{"W": Σₙ δ aᵀ + λW, "b": Σₙ δ}`` in the parameters' dtypes (the
-        sums accumulated in them: float32 under bfloat16 mixed precision), and
-        ``back = W⁽ˡ⁾ᵀ δ⁽ˡ⁾ = ∂L/∂a⁽ˡ⁻¹⁾`` of shape ``(batch, n_in)`` in δ's dtype.
-    """
-    W, b = p["W"], p["b"]
-    dW = jnp.matmul(delta.T, a_prev, preferred_element_type=W.dtype)  # Σₙ δaᵀ
-    grads = {
-        "W": dW if no_l2(l2) else dW + jnp.asarray(l2, W.dtype) * W,  # + λW
-        "b": jnp.sum(delta, axis=0, dtype=b.dtype),  # Σₙ δ
-    }
-    return grads, delta @ W.astype(delta.dtype)  # Wᵀδ, one row per example
+    g_prime = layers[-1].act.df(z_out, a_out)
+    delta = loss_fn.delta(z_out, a_out, t, g_prime) / x.shape[0]  # δ⁽ᴸ⁾ = (p − y)/B, …
+    delta = delta.astype(tr.z[-1].dtype)  # back to the compute dtype for the matmuls
+    # for i = L…1: ∂L/∂θ⁽ⁱ⁾ and ∂L/∂a⁽ⁱ⁻¹⁾ by layer i's rule, then δ⁽ⁱ⁻¹⁾ = f′(z⁽ⁱ⁻¹⁾) ⊙ ∂L/∂a⁽ⁱ⁻¹⁾
+    grads, deltas, _ = backward_seq(layers, params, tr, delta, l2)
+    if isinstance(model, MLP):
+        return Backprop(loss, grads, deltas, tr.z, tr.a[1:])
+    return Backprop(loss, grads, deltas, nested(layers, tr, "z"), nested(layers, tr, "a"), tr.state)
 
 
-def _backprop(params: Params, model: MLP, x: Array, y: Array, l2, compute_dtype=None) -> Backprop:
-    L, loss_fn = model.num_layers, model.loss_fn
-    # z[l] = W⁽ˡ⁾a[l−1] + b⁽ˡ⁾, a[l] = f(z[l]); a[0] = x; in compute_dtype when given
-    z, a = forward_trace(params, model, x, compute_dtype)
-    z_out, a_out = output_for_loss(params, z[L], a[L])  # float32 logits under mixed precision
-    t = to_targets(loss_fn, y, model.sizes[-1], z_out.dtype)
-    loss = jnp.mean(loss_fn.value(z_out, a_out, t)) + l2_penalty(params, l2)
-
-    delta, grads = [None] * (L + 1), [None] * (L + 1)
-    g_prime = model.layer_activation(L).df(z_out, a_out)
-    delta[L] = loss_fn.delta(z_out, a_out, t, g_prime) / x.shape[0]  # δ⁽ᴸ⁾ = (p − y)/B, …
-    delta[L] = delta[L].astype(z[L].dtype)  # back to the compute dtype for the matmuls
-    for l in range(L, 0, -1):
-        # ∂L/∂W⁽ˡ⁾ = Σₙ δ⁽ˡ⁾a⁽ˡ⁻¹⁾ᵀ + λW⁽ˡ⁾,  ∂L/∂b⁽ˡ⁾ = Σₙ δ⁽ˡ⁾,  back = W⁽ˡ⁾ᵀδ⁽ˡ⁾
-        grads[l], back = dense_backward(params[l - 1], a[l - 1], delta[l], l2)
-        if l > 1:
-            f_prime = model.layer_activation(l - 1).df(z[l - 1], a[l - 1])
-            # δ⁽ˡ⁻¹⁾ = f′(z⁽ˡ⁻¹⁾) ⊙ (W⁽ˡ⁾ᵀ δ⁽ˡ⁾); a unit of slope 0 passes back 0, even ∞
-            delta[l - 1] = jnp.where(f_prime == 0, 0, f_prime * back)
-    return Backprop(loss, grads[1:], delta[1:], z[1:], a[1:])
+def _keyed_backprop(params, model, x, y, l2, compute_dtype=None, state=None, key=None, train=False):
+    masks = draw_batch_masks(model, key, x.shape[0], train)
+    return _backprop(params, model, x, y, l2, compute_dtype, state, masks, train)
 
 
-_backprop_jit = jax.jit(_backprop, static_argnames="compute_dtype")
+_backprop_jit = jax.jit(_keyed_backprop, static_argnames=("compute_dtype", "train"))
 
 
 def backprop(
-    params: Params, model: MLP, x: Array, y: Array, *, l2=0.0, compute_dtype=None
+    params: Params, model, x: Array, y: Array, *, l2=0.0, compute_dtype=None, state=None, key=None, train=None
 ) -> Backprop:
     """Loss, gradients and per-layer error signals by the hand-written backward pass.
 
     Arguments:
-        params: one ``{"W": (n_l, n_{l−1}), "b": (n_l,)}`` dict per layer.
-        model: the :class:`fnbp.MLP` spec.
-        x: inputs, shape ``(batch, sizes[0])``.
-        y: class indices ``(batch,)`` or targets ``(batch, sizes[-1])``.
+        params: from :func:`fnbp.init_params` (for an MLP one ``{"W", "b"}`` dict per layer).
+        model: an :class:`fnbp.MLP` or :class:`fnbp.Net`.
+        x: inputs, shape ``(batch, *input_shape)``.
+        y: class indices ``(batch,)`` or targets ``(batch, output_size)``.
         l2: L2 strength λ ≥ 0; the loss gains (λ/2)Σ‖W‖² and ∂L/∂W gains λW.
         compute_dtype: ``None`` (compute in the params' dtype), or a dtype for mixed
-            precision, e.g. ``jnp.bfloat16`` with float32 params: W, b and x are cast to it
+            precision, e.g. ``jnp.bfloat16`` with float32 params: the params and x are cast to it
             for the matmuls and activations, the logits are upcast so the loss, softmax and
             δ⁽ᴸ⁾ run in float32, δ goes back to bfloat16 for the backward matmuls, and the
-            weight-gradient sums accumulate in float32. The loss and the grads come back in
-            the params' dtype; deltas, preactivations and activations in ``compute_dtype``.
+            weight-gradient sums accumulate in float32 (normalization statistics run in
+            float32 too). The loss and the grads come back in the params' dtype; deltas,
+            preactivations and activations in ``compute_dtype``.
+        state, key, train: as in :func:`fnbp.loss`: a net with BatchNorm or Dropout needs
+            ``train``, BatchNorm needs ``state``, train-mode dropout a ``key`` (each layer's
+            mask from ``fold_in(key, i)``).
 
     Returns:
-        A :class:`Backprop` with ``.loss``, ``.grads``, ``.deltas``, ``.preactivations`` and
-        ``.activations``.
+        A :class:`Backprop` with ``.loss``, ``.grads``, ``.deltas``, ``.preactivations``,
+        ``.activations`` and ``.state``.
 
     Raises:
         ValueError, TypeError: for arguments that do not fit the model (see
-            :func:`fnbp.model.check_inputs`) and a ``compute_dtype`` that is not floating.
+            :func:`fnbp.model.check_inputs`), a missing mode, state or key (naming the layer
+            that needs it) and a ``compute_dtype`` that is not floating.
     """
     check_params(params, model)
     check_inputs(model, x, y)
     check_l2(l2)
+    train = check_mode(model, state=state, train=train, key=key, what="backprop")
     compute_dtype = check_compute_dtype(compute_dtype)
-    return _backprop_jit(params, model, x, y, l2, compute_dtype=compute_dtype)
+    return _backprop_jit(params, model, x, y, l2, compute_dtype=compute_dtype, state=state, key=key, train=train)
 
 
-def _per_example_grads(params, model, x, y, l2):
-    one = lambda xi, yi: _backprop(params, model, xi[None], yi[None], l2).grads  # noqa: E731
-    return jax.vmap(one)(x, y)
+def _per_example_grads(params, model, x, y, l2, state=None, key=None, train=False):
+    masks = draw_batch_masks(model, key, x.shape[0], train)  # the batch's masks, one row each
+
+    def one(xi, yi, mi):
+        return _backprop(params, model, xi[None], yi[None], l2, None, state, _rows(mi), train).grads
+
+    return jax.vmap(one)(x, y, masks)
 
 
-_per_example_grads_jit = jax.jit(_per_example_grads)
+def _rows(masks):
+    """One example's masks, with its batch axis of one restored."""
+    return jax.tree.map(lambda m: m[None], masks)
 
 
-def per_example_grads(params: Params, model: MLP, x: Array, y: Array, *, l2=0.0) -> Params:
+_per_example_grads_jit = jax.jit(_per_example_grads, static_argnames="train")
+
+
+def per_example_grads(params: Params, model, x: Array, y: Array, *, l2=0.0, state=None, key=None, train=None) -> Params:
     """Each example's gradient, from ``jax.vmap`` of the hand-written backprop of one example.
+
+    Defined where examples are independent: dense, convolution, pooling, LayerNorm, residual
+    blocks, dropout (each example keeps its row of the batch's masks, so the mean of the
+    per-example grads is the batch grad), and BatchNorm in eval mode.
 
     Returns:
         Grads like ``params`` with a leading batch axis: ``W`` leaves of shape
         ``(batch, n_l, n_{l−1})``. Their mean over the batch is ``backprop(...).grads``.
+
+    Raises:
+        ValueError: for train-mode BatchNorm, naming the layer: it couples the examples of a
+            batch, and a batch of one has zero variance (every gradient before it would be 0).
     """
     check_params(params, model)
     check_inputs(model, x, y)
     check_l2(l2)
-    return _per_example_grads_jit(params, model, x, y, l2)
+    train = check_mode(model, state=state, train=train, key=key, what="per_example_grads")
+    if train and model.couples_examples:
+        layer = model.find(lambda l: l.couples_examples)
+        raise ValueError(
+            f"per_example_grads: the net's {layer} couples the examples of a batch in train "
+            "mode (its statistics come from the whole batch), so per-example gradients are not "
+            "defined; use train=False (running statistics) instead"
+        )
+    return _per_example_grads_jit(params, model, x, y, l2, state, key, train=train)

@@ -37,8 +37,6 @@ import jax
 import jax.numpy as jnp
 from jax.nn import initializers as jinit
 
-from fnbp.model import MLP, Params
-
 # jax.nn.initializers assume kernels of shape (fan_in, fan_out); fnbp's W is (fan_out, fan_in).
 _AXES = {"in_axis": -1, "out_axis": -2}
 
@@ -164,9 +162,28 @@ def sigma_w2(scheme: str | InitScheme, fan_in: int, fan_out: int) -> float:
     return fan_in * get_scheme(scheme).weight_variance(fan_in, fan_out)
 
 
-def init_params(
-    key: jax.Array, model: MLP, scheme: str | InitScheme = "he_normal", *, dtype=jnp.float32
-) -> Params:
+def draw_matrix(key, scheme, fan_out: int, fan_in: int, dtype) -> jax.Array:
+    """A ``(fan_out, fan_in)`` weight matrix from an init scheme (low-precision draws go
+    through float32: XLA has no bfloat16 QR for "orthogonal")."""
+    draw_dtype = jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
+    return get_scheme(scheme).weight_init(key, (fan_out, fan_in), draw_dtype).astype(dtype)
+
+
+def draw_bias(key, scheme, n: int, dtype) -> jax.Array:
+    """Zeros, or N(0, σ_b²) entries for a scheme with ``bias_std > 0``."""
+    s = get_scheme(scheme)
+    if s.bias_std > 0:
+        return s.bias_std * jax.random.normal(key, (n,), dtype)
+    return jnp.zeros((n,), dtype)
+
+
+def init_layers(key, layers, in_shapes, scheme, dtype) -> list:
+    """One params dict per layer, layer ``i`` drawn from the ``i``-th of ``split(key)``."""
+    keys = jax.random.split(key, len(layers))
+    return [layer.init(k, s, scheme, dtype) for layer, k, s in zip(layers, keys, in_shapes, strict=True)]
+
+
+def init_params(key: jax.Array, model, scheme: str | InitScheme = "he_normal", *, dtype=jnp.float32) -> list:
     """Draw parameters for ``model``.
 
     Pure in ``key``: ``jax.vmap(lambda k: init_params(k, model))(jax.random.split(key, n))``
@@ -174,16 +191,21 @@ def init_params(
 
     Arguments:
         key: a JAX PRNG key (``jax.random.key(seed)``).
-        model: the :class:`fnbp.MLP` spec.
-        scheme: a name in :data:`SCHEMES` or an :class:`InitScheme`.
+        model: an :class:`fnbp.MLP` or :class:`fnbp.Net`.
+        scheme: a name in :data:`SCHEMES` or an :class:`InitScheme`: the distribution of every
+            weight matrix (dense ``W``, conv kernels as ``(C_out, prod(k)·C_in)`` matrices,
+            residual projections) and of biases. Normalization layers start at γ = 1, β = 0;
+            a learned residual α at its ``alpha``.
         dtype: floating dtype of the parameters (float32 by default).
 
     Returns:
-        A list with one ``{"W": (sizes[l], sizes[l−1]), "b": (sizes[l],)}`` dict per layer.
+        A list aligned with ``model.layers`` (``{}`` for layers without params); for an MLP
+        one ``{"W": (sizes[l], sizes[l−1]), "b": (sizes[l],)}`` dict per layer.
     """
-    if not isinstance(model, MLP):
-        raise TypeError(f"model must be an fnbp.MLP, got {type(model).__name__}")
-    s = get_scheme(scheme)
+    from fnbp.model import check_model
+
+    check_model(model)
+    get_scheme(scheme)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dtype must be a floating dtype, got {dtype!r}")
     if jnp.dtype(dtype).itemsize == 8 and not jax.config.jax_enable_x64:
@@ -192,18 +214,7 @@ def init_params(
             "jax.config.update('jax_enable_x64', True)"
         )
     _check_key(key)
-    params = []
-    layer_keys = jax.random.split(key, model.num_layers)
-    for k, fan_in, fan_out in zip(layer_keys, model.sizes[:-1], model.sizes[1:], strict=True):
-        k_w, k_b = jax.random.split(k)
-        b = jnp.zeros((fan_out,), dtype)
-        if s.bias_std > 0:
-            b = s.bias_std * jax.random.normal(k_b, (fan_out,), dtype)
-        # Low-precision draws go through float32 (XLA has no bfloat16 QR for "orthogonal").
-        draw_dtype = jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
-        W = s.weight_init(k_w, (fan_out, fan_in), draw_dtype).astype(dtype)
-        params.append({"W": W, "b": b})
-    return params
+    return init_layers(key, model.layers, model.in_shapes, scheme, dtype)
 
 
 def _check_key(key) -> None:

@@ -17,6 +17,7 @@ argument; the jitted internals carry no checks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -24,7 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from fnbp.activations import Activation, get_activation
+from fnbp.engine import Trace, draw_masks, forward_seq, no_masks
+from fnbp.layers.dense import Dense, dense, no_l2  # noqa: F401  (dense: the MLP's z = Wa + b)
 from fnbp.losses import Loss, get_loss, to_targets
+from fnbp.net import Net
 
 Array = jax.Array
 Params = list  # list[dict[str, Array]]: one {"W": (fan_out, fan_in), "b": (fan_out,)} per layer
@@ -100,18 +104,61 @@ class MLP:
     def loss_fn(self) -> Loss:
         return get_loss(self.loss)
 
+    # The generic view every function shares with fnbp.Net: an MLP is a stack of Dense layers.
+
+    @property
+    def layers(self) -> tuple[Dense, ...]:
+        """``(Dense(n₁, f), …, Dense(n_{L−1}, f), Dense(n_L, g))``."""
+        L = self.num_layers
+        return tuple(
+            Dense(n, self.output_activation if l == L else self.activation)
+            for l, n in enumerate(self.sizes[1:], start=1)
+        )
+
+    @property
+    def input_shape(self) -> tuple[int]:
+        return (self.sizes[0],)
+
+    @property
+    def in_shapes(self) -> tuple[tuple[int], ...]:
+        """Each layer's per-example input shape."""
+        return tuple((n,) for n in self.sizes[:-1])
+
+    @property
+    def output_size(self) -> int:
+        return self.sizes[-1]
+
+    needs_train = needs_state = couples_examples = False
+
 
 # ----------------------------------------------------------------------------------------------
 # The forward pass (unchecked internals).
 
 
-def dense(p: dict[str, Array], a_prev: Array) -> Array:
-    """z⁽ˡ⁾ = W⁽ˡ⁾ a⁽ˡ⁻¹⁾ + b⁽ˡ⁾ for a batch of rows: ``(batch, fan_in) -> (batch, fan_out)``."""
-    return a_prev @ p["W"].T + p["b"][None, :]
+def cast(tree, dtype):
+    """``tree`` with every leaf cast to ``dtype`` (``None``: unchanged)."""
+    return tree if dtype is None else jax.tree.map(lambda v: v.astype(dtype), tree)
 
 
-def forward_trace(params: Params, model: MLP, x: Array, compute_dtype=None) -> tuple[list, list]:
-    """The forward pass, keeping what the backward pass needs.
+def blank_state(model) -> list:
+    """``{}`` for every layer: the state of a model that keeps no statistics."""
+    return [{} for _ in model.layers]
+
+
+def run(params, model, x, *, state=None, masks=None, train=False, compute_dtype=None, offsets=None) -> Trace:
+    """The forward pass of any model, keeping what the backward pass needs (:class:`Trace`).
+
+    ``compute_dtype`` (mixed precision) casts the params and ``x`` first; ``state`` and
+    ``masks`` default to none (a model without BatchNorm, eval mode or no dropout).
+    """
+    state = blank_state(model) if state is None else state
+    masks = no_masks(model.layers) if masks is None else masks
+    params, x = cast((params, x), compute_dtype)
+    return forward_seq(model.layers, params, state, x, masks, train, offsets)
+
+
+def forward_trace(params: Params, model, x: Array, compute_dtype=None) -> tuple[list, list]:
+    """The forward pass in the textbook's indexing (no state, no dropout: an MLP's).
 
     Arguments:
         compute_dtype: ``None`` computes in the dtypes of ``params`` and ``x`` as given. A dtype
@@ -123,13 +170,13 @@ def forward_trace(params: Params, model: MLP, x: Array, compute_dtype=None) -> t
         ``z[l] = W⁽ˡ⁾a⁽ˡ⁻¹⁾ + b⁽ˡ⁾`` and ``a[l] = f(z[l])``, each of shape
         ``(batch, sizes[l])`` and in the compute dtype. ``z[0]`` is ``None``.
     """
-    if compute_dtype is not None:
-        params, x = jax.tree.map(lambda v: v.astype(compute_dtype), (params, x))
-    z, a = [None], [x]
-    for l in range(1, model.num_layers + 1):
-        z.append(dense(params[l - 1], a[l - 1]))  # z⁽ˡ⁾ = W⁽ˡ⁾a⁽ˡ⁻¹⁾ + b⁽ˡ⁾
-        a.append(model.layer_activation(l).f(z[l]))  # a⁽ˡ⁾ = f(z⁽ˡ⁾)
-    return z, a
+    tr = run(params, model, x, compute_dtype=compute_dtype)
+    return [None, *tr.z], tr.a
+
+
+def param_dtype(params):
+    """The dtype of the (master) params: that of their first leaf."""
+    return jax.tree.leaves(params)[0].dtype
 
 
 def output_for_loss(params: Params, z_out: Array, a_out: Array) -> tuple[Array, Array]:
@@ -139,73 +186,98 @@ def output_for_loss(params: Params, z_out: Array, a_out: Array) -> tuple[Array, 
     (bfloat16 compute, float32 master params) the logits are upcast, so the softmax, the loss
     value and δ⁽ᴸ⁾ run in float32. Without mixed precision it changes nothing.
     """
-    dtype = jnp.promote_types(z_out.dtype, params[-1]["W"].dtype)
+    dtype = jnp.promote_types(z_out.dtype, param_dtype(params))
     return z_out.astype(dtype), a_out.astype(dtype)
 
 
-def no_l2(l2) -> bool:
-    """λ is a literal 0 (a Python number, not traced): the penalty and its λW are left out
-    instead of computed as 0·Σ‖W‖² and 0·W, two passes over every weight that XLA keeps (0·W is
-    NaN for an infinite W)."""
-    return isinstance(l2, (int, float)) and l2 == 0
+def weights(model, params) -> list:
+    """Every weight leaf L2 decays, in params order: each ``W`` (dense and conv) and each
+    residual projection ``P``; not biases, γ, β or α."""
+    return [w for layer, p in zip(model.layers, params, strict=True) for w in layer.weights(p)]
 
 
-def l2_penalty(params: Params, l2) -> Array:
-    """(λ/2) Σₗ ‖W⁽ˡ⁾‖²_F. Biases are not decayed.
+def l2_penalty(params: Params, model, l2) -> Array:
+    """(λ/2) Σ ‖W‖²_F over :func:`weights`. Biases are not decayed.
 
     Exactly 0 for λ = 0, even where ‖W‖² overflows (0·∞ would make the whole loss NaN); a
     literal 0 (:func:`no_l2`) computes nothing at all.
     """
     if no_l2(l2):
         return 0.0
-    return jnp.where(l2 == 0, 0, 0.5 * l2 * sum(jnp.sum(p["W"] ** 2) for p in params))
+    return jnp.where(l2 == 0, 0, 0.5 * l2 * sum(jnp.sum(W**2) for W in weights(model, params)))
 
 
-def _loss(params, model, x, y, l2, compute_dtype=None):
-    z, a = forward_trace(params, model, x, compute_dtype)
-    z_out, a_out = output_for_loss(params, z[-1], a[-1])
-    t = to_targets(model.loss_fn, y, model.sizes[-1], z_out.dtype)
-    return jnp.mean(model.loss_fn.value(z_out, a_out, t)) + l2_penalty(params, l2)
+def _loss_and_state(params, model, x, y, l2, compute_dtype=None, state=None, masks=None, train=False, offsets=None):
+    """``(mean loss + penalty, new state)``: what ``jax.grad`` differentiates as the reference."""
+    tr = run(params, model, x, state=state, masks=masks, train=train, compute_dtype=compute_dtype, offsets=offsets)
+    z_out, a_out = output_for_loss(params, tr.z[-1], tr.a[-1])
+    t = to_targets(model.loss_fn, y, model.output_size, z_out.dtype)
+    return jnp.mean(model.loss_fn.value(z_out, a_out, t)) + l2_penalty(params, model, l2), tr.state
 
 
-_forward_jit = jax.jit(lambda params, model, x: forward_trace(params, model, x)[1][-1])
-_loss_jit = jax.jit(_loss, static_argnames="compute_dtype")
+def _loss(params, model, x, y, l2, compute_dtype=None, state=None, masks=None, train=False):
+    return _loss_and_state(params, model, x, y, l2, compute_dtype, state, masks, train)[0]
+
+
+def draw_batch_masks(model, key, batch: int, train: bool) -> list:
+    """The dropout masks of one batch (``None`` everywhere unless ``train`` and a ``key``)."""
+    if not train or key is None:
+        return no_masks(model.layers)
+    return draw_masks(model.layers, key, model.in_shapes, batch)
+
+
+def _keyed_loss(params, model, x, y, l2, compute_dtype=None, state=None, key=None, train=False):
+    masks = draw_batch_masks(model, key, x.shape[0], train)
+    return _loss(params, model, x, y, l2, compute_dtype, state, masks, train)
+
+
+_forward_jit = jax.jit(lambda params, model, x, state: run(params, model, x, state=state).a[-1])
+_loss_jit = jax.jit(_keyed_loss, static_argnames=("compute_dtype", "train"))
 
 
 # ----------------------------------------------------------------------------------------------
 # Public API.
 
 
-def forward(params: Params, model: MLP, x: Array) -> Array:
-    """Network output a⁽ᴸ⁾ = g(z⁽ᴸ⁾) (the logits for the cross-entropy losses).
+def forward(params: Params, model, x: Array, *, state=None) -> Array:
+    """Network output a⁽ᴸ⁾ = g(z⁽ᴸ⁾) (the logits for the cross-entropy losses), in eval mode
+    (running statistics, no dropout).
 
     Arguments:
-        params: one ``{"W": (n_l, n_{l−1}), "b": (n_l,)}`` dict per layer.
-        model: the :class:`MLP` spec.
-        x: inputs, shape ``(batch, sizes[0])``, floating dtype.
+        params: from :func:`fnbp.init_params` (for an MLP one ``{"W", "b"}`` dict per layer).
+        model: an :class:`MLP` or :class:`fnbp.Net`.
+        x: inputs, shape ``(batch, *input_shape)``, floating dtype.
+        state: from :func:`fnbp.init_state` or training; required for a net with BatchNorm.
 
     Returns:
-        Array of shape ``(batch, sizes[-1])``.
+        Array of shape ``(batch, output_size)``.
     """
     check_params(params, model)
     check_inputs(model, x)
-    return _forward_jit(params, model, x)
+    check_mode(model, state=state, train=False, key=None, what="forward")
+    return _forward_jit(params, model, x, state)
 
 
-def loss(params: Params, model: MLP, x: Array, y: Array, *, l2=0.0, compute_dtype=None) -> Array:
-    """Mean loss over the batch plus the L2 penalty: ``mean_n ℓ(xₙ, yₙ) + (λ/2) Σₗ‖W⁽ˡ⁾‖²``.
+def loss(params: Params, model, x: Array, y: Array, *, l2=0.0, compute_dtype=None, state=None, key=None, train=None) -> Array:
+    """Mean loss over the batch plus the L2 penalty: ``mean_n ℓ(xₙ, yₙ) + (λ/2) Σ‖W‖²``.
 
     ``jax.grad(fnbp.loss)`` works on it directly; it is the reference the hand-written
     :func:`fnbp.backprop` is checked against.
 
     Arguments:
         params, model, x: as in :func:`forward`.
-        y: labels: integer class indices ``(batch,)`` or targets ``(batch, sizes[-1])`` (see
+        y: labels: integer class indices ``(batch,)`` or targets ``(batch, output_size)`` (see
             :func:`fnbp.losses.to_targets`).
-        l2: L2 strength λ ≥ 0.
+        l2: L2 strength λ ≥ 0 (every weight matrix; not biases, γ, β, α).
         compute_dtype: ``None``, or a floating dtype such as ``jnp.bfloat16`` for mixed
             precision: the matmuls and activations run in it, while the logits are upcast so
             the loss is computed in the params' dtype (see :func:`forward_trace`).
+        state: the BatchNorm running statistics (:func:`fnbp.init_state`); required for a net
+            with BatchNorm.
+        key: the PRNG key dropout masks are drawn from; required in train mode for a net with
+            dropout.
+        train: ``True`` (batch statistics, dropout on) or ``False``; required for a net with
+            BatchNorm or Dropout.
 
     Returns:
         A scalar, in the params' dtype.
@@ -213,11 +285,12 @@ def loss(params: Params, model: MLP, x: Array, y: Array, *, l2=0.0, compute_dtyp
     check_params(params, model)
     check_inputs(model, x, y)
     check_l2(l2)
-    return _loss_jit(params, model, x, y, l2, compute_dtype=check_compute_dtype(compute_dtype))
+    train = check_mode(model, state=state, train=train, key=key, what="loss")
+    return _loss_jit(params, model, x, y, l2, compute_dtype=check_compute_dtype(compute_dtype), state=state, key=key, train=train)
 
 
-def accuracy(params: Params, model: MLP, x: Array, y: Array) -> Array:
-    """Fraction of rows classified correctly.
+def accuracy(params: Params, model, x: Array, y: Array, *, state=None) -> Array:
+    """Fraction of rows classified correctly, in eval mode.
 
     With several outputs the prediction is the arg-max output and ``y`` holds class indices
     ``(batch,)`` or one-hot/probability rows. A one-output ``sigmoid_binary_cross_entropy``
@@ -228,18 +301,19 @@ def accuracy(params: Params, model: MLP, x: Array, y: Array) -> Array:
     """
     check_params(params, model)
     check_inputs(model, x, y)
-    if model.sizes[-1] == 1 and model.loss != "sigmoid_binary_cross_entropy":
+    check_mode(model, state=state, train=False, key=None, what="accuracy")
+    if model.output_size == 1 and model.loss != "sigmoid_binary_cross_entropy":
         raise ValueError(
             f"accuracy needs a classifier: a one-output network with loss={model.loss!r} is a "
             "regressor; use fnbp.loss instead"
         )
-    return _accuracy_jit(params, model, x, y)
+    return _accuracy_jit(params, model, x, y, state)
 
 
 @jax.jit
-def _accuracy_jit(params, model, x, y):
-    out = forward_trace(params, model, x)[1][-1]
-    if model.sizes[-1] == 1:  # binary: p = σ(z) > ½  ⇔  z > 0
+def _accuracy_jit(params, model, x, y, state=None):
+    out = run(params, model, x, state=state).a[-1]
+    if model.output_size == 1:  # binary: p = σ(z) > ½  ⇔  z > 0
         return jnp.mean((out[:, 0] > 0) == (y.reshape(-1) > 0.5))
     labels = y if y.ndim == 1 else jnp.argmax(y, axis=-1)
     return jnp.mean(jnp.argmax(out, axis=-1) == labels)
@@ -253,10 +327,59 @@ def _concrete(v) -> bool:
     return not isinstance(v, jax.core.Tracer)
 
 
-def check_params(params, model: MLP, name: str = "params") -> None:
+def check_model(model) -> None:
+    """Raise unless ``model`` is an :class:`MLP` or a :class:`fnbp.Net`."""
+    if not isinstance(model, (MLP, Net)):
+        raise TypeError(f"model must be an fnbp.MLP or fnbp.Net, got {type(model).__name__}")
+
+
+@functools.lru_cache(maxsize=64)
+def _expected_params(model: Net):
+    from fnbp.initializers import init_layers
+
+    return jax.eval_shape(
+        lambda: init_layers(jax.random.key(0), model.layers, model.in_shapes, "he_normal", jnp.float32)
+    )
+
+
+def _check_tree(tree, want, name: str, what: str) -> None:
+    """Raise unless ``tree`` has the structure and leaf shapes of ``want`` (shape structs)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    want_leaves, want_def = jax.tree_util.tree_flatten_with_path(want)
+    if treedef != want_def:
+        raise ValueError(f"{name} ({what}) must have the structure {_keys(want)}, got {_keys(tree)}")
+    for (path, v), (_, w) in zip(leaves, want_leaves, strict=True):
+        leaf = name + jax.tree_util.keystr(path)
+        shape = tuple(getattr(v, "shape", ()))
+        if shape != w.shape:
+            raise ValueError(f"{leaf} ({what}) must have shape {w.shape}, got {shape}")
+        if not jnp.issubdtype(getattr(v, "dtype", np.dtype(object)), jnp.floating):
+            raise TypeError(f"{leaf} ({what}) must be a floating array, got {getattr(v, 'dtype', type(v).__name__)}")
+
+
+def _keys(tree):
+    if isinstance(tree, dict):
+        return "{" + ", ".join(f"{k!r}: {_keys(v)}" for k, v in sorted(tree.items())) + "}"
+    if isinstance(tree, (list, tuple)):
+        return "[" + ", ".join(_keys(v) for v in tree) + "]"
+    return "array"
+
+
+def _check_aligned(tree, model, name: str, source: str) -> None:
+    if not isinstance(tree, (list, tuple)):
+        raise TypeError(f"{name} must be a list aligned with the net's layers ({source}), got {type(tree).__name__}")
+    if len(tree) != len(model.layers):
+        raise ValueError(f"{name} has {len(tree)} entries but the net has {len(model.layers)} layers")
+
+
+def check_params(params, model, name: str = "params") -> None:
     """Raise if ``params`` does not match ``model``: count, keys, shapes, floating dtypes."""
-    if not isinstance(model, MLP):
-        raise TypeError(f"model must be an fnbp.MLP, got {type(model).__name__}")
+    check_model(model)
+    if isinstance(model, Net):
+        _check_aligned(params, model, name, "from fnbp.init_params")
+        for i, (p, want, layer) in enumerate(zip(params, _expected_params(model), model.layers, strict=True)):
+            _check_tree(p, want, f"{name}[{i}]", f"layer {i + 1}, {layer.kind}")
+        return
     if not isinstance(params, (list, tuple)):
         raise TypeError(
             f"{name} must be a list of {{'W', 'b'}} dicts (from fnbp.init_params), "
@@ -286,21 +409,23 @@ def check_params(params, model: MLP, name: str = "params") -> None:
                 )
 
 
-def check_inputs(model: MLP, x, y=None) -> None:
+def check_inputs(model, x, y=None) -> None:
     """Raise if ``x`` (and ``y``, when given) do not fit ``model``.
 
-    ``x`` must be floating with shape ``(batch, sizes[0])``. ``y`` must have ``batch`` rows:
-    integer class indices in ``[0, sizes[-1])`` of shape ``(batch,)``, or targets of shape
-    ``(batch, sizes[-1])`` (or ``(batch,)`` for a one-output network). Label values are
+    ``x`` must be floating with shape ``(batch, *input_shape)``. ``y`` must have ``batch`` rows:
+    integer class indices in ``[0, output_size)`` of shape ``(batch,)``, or targets of shape
+    ``(batch, output_size)`` (or ``(batch,)`` for a one-output network). Label values are
     checked only when ``y`` is concrete (not inside ``jit``).
     """
-    n_in, n_out = model.sizes[0], model.sizes[-1]
+    n_out = model.output_size
+    if isinstance(model, MLP):
+        want, spec = f"(batch, {model.sizes[0]})", f"model sizes {model.sizes}"
+    else:
+        want, spec = f"(batch, {', '.join(map(str, model.input_shape))})", f"the net's input_shape {model.input_shape}"
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"x must be an array of shape (batch, {n_in}), got {type(x).__name__}")
-    if x.ndim != 2 or x.shape[1] != n_in:
-        raise ValueError(
-            f"x must have shape (batch, {n_in}) for model sizes {model.sizes}, got {x.shape}"
-        )
+        raise TypeError(f"x must be an array of shape {want}, got {type(x).__name__}")
+    if x.ndim != 1 + len(model.input_shape) or tuple(x.shape[1:]) != model.input_shape:
+        raise ValueError(f"x must have shape {want} for {spec}, got {x.shape}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(
             f"x must be a floating array, got dtype {x.dtype}; convert it, e.g. "
@@ -333,6 +458,63 @@ def check_inputs(model: MLP, x, y=None) -> None:
                 f"y holds class labels in [{lo}, {hi}] but the model has {n_out} outputs, "
                 f"so labels must lie in [0, {n_out})"
             )
+
+
+def init_state(model) -> list:
+    """The state of a fresh model: a list aligned with ``model.layers``, ``{"mean": 0, "var": 1}``
+    (float32, shape ``(C,)``) for each BatchNorm (nested in ``{"branch": [...]}`` for residual
+    blocks), ``{}`` elsewhere. Training returns the new state; nothing mutates it."""
+    check_model(model)
+    return [layer.init_state(s) for layer, s in zip(model.layers, model.in_shapes, strict=True)]
+
+
+def check_mode(model, *, state, train, key, what: str) -> bool:
+    """Check the mode keywords of a call on ``model`` and return the mode (a bool).
+
+    A net with BatchNorm or Dropout needs ``train=True`` or ``False`` (no silent default, as in
+    Flax and Haiku); one with BatchNorm needs ``state``; train-mode dropout needs ``key``.
+
+    Raises:
+        ValueError, TypeError: naming the layer that needs what is missing.
+    """
+    if train is not None and not isinstance(train, bool):
+        raise TypeError(f"{what}: train must be True, False or None, got {train!r}")
+    if isinstance(model, MLP):
+        if state is not None and list(state) != blank_state(model):
+            raise ValueError(f"{what}: an MLP keeps no state; pass state=None")
+        return bool(train)
+    if train is None:
+        layer = model.find(lambda l: l.needs_train)
+        if layer is not None:
+            raise ValueError(
+                f"{what}: the net's {layer} behaves differently in training and evaluation; "
+                "pass train=True or train=False"
+            )
+        train = False
+    if model.needs_state:
+        layer = model.find(lambda l: l.needs_state)
+        if state is None:
+            raise ValueError(
+                f"{what}: the net's {layer} keeps running statistics; pass state= "
+                "(fnbp.init_state(net) to start, then the state training returns)"
+            )
+    if state is not None:
+        _check_aligned(state, model, "state", "from fnbp.init_state")
+        for i, (s, layer, shape) in enumerate(zip(state, model.layers, model.in_shapes, strict=True)):
+            want = jax.eval_shape(lambda layer=layer, shape=shape: layer.init_state(shape))
+            _check_tree(s, want, f"state[{i}]", f"layer {i + 1}, {layer.kind}")
+    if train and key is None:
+        layer = model.find(lambda l: getattr(l, "rate", 0) > 0)
+        if layer is not None:
+            raise ValueError(
+                f"{what}: the net's {layer} drops units in train mode; pass key= (a PRNG key, "
+                "e.g. jax.random.key(0)) to draw its mask"
+            )
+    if key is not None:
+        from fnbp.initializers import _check_key
+
+        _check_key(key)
+    return train
 
 
 def check_l2(l2) -> None:
