@@ -85,11 +85,15 @@ class Backprop(NamedTuple):
     state: list | None = None
 
 
-def _backprop(params, model, x, y, l2, compute_dtype=None, state=None, masks=None, train=False) -> Backprop:
+def _backprop(
+    params, model, x, y, l2, compute_dtype=None, state=None, masks=None, train=False
+) -> Backprop:
     layers, loss_fn = model.layers, model.loss_fn
     # z⁽ⁱ⁾ = op_i(a⁽ⁱ⁻¹⁾), a⁽ⁱ⁾ = f_i(z⁽ⁱ⁾); a⁽⁰⁾ = x; in compute_dtype when given
     tr = run(params, model, x, state=state, masks=masks, train=train, compute_dtype=compute_dtype)
-    z_out, a_out = output_for_loss(params, tr.z[-1], tr.a[-1])  # float32 logits under mixed precision
+    z_out, a_out = output_for_loss(
+        params, tr.z[-1], tr.a[-1]
+    )  # float32 logits under mixed precision
     t = to_targets(loss_fn, y, model.output_size, z_out.dtype)
     loss = jnp.mean(loss_fn.value(z_out, a_out, t)) + l2_penalty(params, model, l2)
 
@@ -112,7 +116,16 @@ _backprop_jit = jax.jit(_keyed_backprop, static_argnames=("compute_dtype", "trai
 
 
 def backprop(
-    params: Params, model, x: Array, y: Array, *, l2=0.0, compute_dtype=None, state=None, key=None, train=None
+    params: Params,
+    model,
+    x: Array,
+    y: Array,
+    *,
+    l2=0.0,
+    compute_dtype=None,
+    state=None,
+    key=None,
+    train=None,
 ) -> Backprop:
     """Loss, gradients and per-layer error signals by the hand-written backward pass.
 
@@ -147,7 +160,9 @@ def backprop(
     check_l2(l2)
     train = check_mode(model, state=state, train=train, key=key, what="backprop")
     compute_dtype = check_compute_dtype(compute_dtype)
-    return _backprop_jit(params, model, x, y, l2, compute_dtype=compute_dtype, state=state, key=key, train=train)
+    return _backprop_jit(
+        params, model, x, y, l2, compute_dtype=compute_dtype, state=state, key=key, train=train
+    )
 
 
 def _per_example_grads(params, model, x, y, l2, state=None, key=None, train=False):
@@ -167,7 +182,9 @@ def _rows(masks):
 _per_example_grads_jit = jax.jit(_per_example_grads, static_argnames="train")
 
 
-def per_example_grads(params: Params, model, x: Array, y: Array, *, l2=0.0, state=None, key=None, train=None) -> Params:
+def per_example_grads(
+    params: Params, model, x: Array, y: Array, *, l2=0.0, state=None, key=None, train=None
+) -> Params:
     """Each example's gradient, from ``jax.vmap`` of the hand-written backprop of one example.
 
     Defined where examples are independent: dense, convolution, pooling, LayerNorm, residual

@@ -180,10 +180,14 @@ def draw_bias(key, scheme, n: int, dtype) -> jax.Array:
 def init_layers(key, layers, in_shapes, scheme, dtype) -> list:
     """One params dict per layer, layer ``i`` drawn from the ``i``-th of ``split(key)``."""
     keys = jax.random.split(key, len(layers))
-    return [layer.init(k, s, scheme, dtype) for layer, k, s in zip(layers, keys, in_shapes, strict=True)]
+    return [
+        layer.init(k, s, scheme, dtype) for layer, k, s in zip(layers, keys, in_shapes, strict=True)
+    ]
 
 
-def init_params(key: jax.Array, model, scheme: str | InitScheme = "he_normal", *, dtype=jnp.float32) -> list:
+def init_params(
+    key: jax.Array, model, scheme: str | InitScheme = "he_normal", *, dtype=jnp.float32
+) -> list:
     """Draw parameters for ``model``.
 
     Pure in ``key``: ``jax.vmap(lambda k: init_params(k, model))(jax.random.split(key, n))``

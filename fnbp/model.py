@@ -145,7 +145,9 @@ def blank_state(model) -> list:
     return [{} for _ in model.layers]
 
 
-def run(params, model, x, *, state=None, masks=None, train=False, compute_dtype=None, offsets=None) -> Trace:
+def run(
+    params, model, x, *, state=None, masks=None, train=False, compute_dtype=None, offsets=None
+) -> Trace:
     """The forward pass of any model, keeping what the backward pass needs (:class:`Trace`).
 
     ``compute_dtype`` (mixed precision) casts the params and ``x`` first; ``state`` and
@@ -207,9 +209,20 @@ def l2_penalty(params: Params, model, l2) -> Array:
     return jnp.where(l2 == 0, 0, 0.5 * l2 * sum(jnp.sum(W**2) for W in weights(model, params)))
 
 
-def _loss_and_state(params, model, x, y, l2, compute_dtype=None, state=None, masks=None, train=False, offsets=None):
+def _loss_and_state(
+    params, model, x, y, l2, compute_dtype=None, state=None, masks=None, train=False, offsets=None
+):
     """``(mean loss + penalty, new state)``: what ``jax.grad`` differentiates as the reference."""
-    tr = run(params, model, x, state=state, masks=masks, train=train, compute_dtype=compute_dtype, offsets=offsets)
+    tr = run(
+        params,
+        model,
+        x,
+        state=state,
+        masks=masks,
+        train=train,
+        compute_dtype=compute_dtype,
+        offsets=offsets,
+    )
     z_out, a_out = output_for_loss(params, tr.z[-1], tr.a[-1])
     t = to_targets(model.loss_fn, y, model.output_size, z_out.dtype)
     return jnp.mean(model.loss_fn.value(z_out, a_out, t)) + l2_penalty(params, model, l2), tr.state
@@ -258,7 +271,18 @@ def forward(params: Params, model, x: Array, *, state=None) -> Array:
     return _forward_jit(params, model, x, state)
 
 
-def loss(params: Params, model, x: Array, y: Array, *, l2=0.0, compute_dtype=None, state=None, key=None, train=None) -> Array:
+def loss(
+    params: Params,
+    model,
+    x: Array,
+    y: Array,
+    *,
+    l2=0.0,
+    compute_dtype=None,
+    state=None,
+    key=None,
+    train=None,
+) -> Array:
     """Mean loss over the batch plus the L2 penalty: ``mean_n ℓ(xₙ, yₙ) + (λ/2) Σ‖W‖²``.
 
     ``jax.grad(fnbp.loss)`` works on it directly; it is the reference the hand-written
@@ -286,7 +310,17 @@ def loss(params: Params, model, x: Array, y: Array, *, l2=0.0, compute_dtype=Non
     check_inputs(model, x, y)
     check_l2(l2)
     train = check_mode(model, state=state, train=train, key=key, what="loss")
-    return _loss_jit(params, model, x, y, l2, compute_dtype=check_compute_dtype(compute_dtype), state=state, key=key, train=train)
+    return _loss_jit(
+        params,
+        model,
+        x,
+        y,
+        l2,
+        compute_dtype=check_compute_dtype(compute_dtype),
+        state=state,
+        key=key,
+        train=train,
+    )
 
 
 def accuracy(params: Params, model, x: Array, y: Array, *, state=None) -> Array:
@@ -338,7 +372,9 @@ def _expected_params(model: Net):
     from fnbp.initializers import init_layers
 
     return jax.eval_shape(
-        lambda: init_layers(jax.random.key(0), model.layers, model.in_shapes, "he_normal", jnp.float32)
+        lambda: init_layers(
+            jax.random.key(0), model.layers, model.in_shapes, "he_normal", jnp.float32
+        )
     )
 
 
@@ -347,14 +383,18 @@ def _check_tree(tree, want, name: str, what: str) -> None:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     want_leaves, want_def = jax.tree_util.tree_flatten_with_path(want)
     if treedef != want_def:
-        raise ValueError(f"{name} ({what}) must have the structure {_keys(want)}, got {_keys(tree)}")
+        raise ValueError(
+            f"{name} ({what}) must have the structure {_keys(want)}, got {_keys(tree)}"
+        )
     for (path, v), (_, w) in zip(leaves, want_leaves, strict=True):
         leaf = name + jax.tree_util.keystr(path)
         shape = tuple(getattr(v, "shape", ()))
         if shape != w.shape:
             raise ValueError(f"{leaf} ({what}) must have shape {w.shape}, got {shape}")
         if not jnp.issubdtype(getattr(v, "dtype", np.dtype(object)), jnp.floating):
-            raise TypeError(f"{leaf} ({what}) must be a floating array, got {getattr(v, 'dtype', type(v).__name__)}")
+            raise TypeError(
+                f"{leaf} ({what}) must be a floating array, got {getattr(v, 'dtype', type(v).__name__)}"
+            )
 
 
 def _keys(tree):
@@ -367,9 +407,13 @@ def _keys(tree):
 
 def _check_aligned(tree, model, name: str, source: str) -> None:
     if not isinstance(tree, (list, tuple)):
-        raise TypeError(f"{name} must be a list aligned with the net's layers ({source}), got {type(tree).__name__}")
+        raise TypeError(
+            f"{name} must be a list aligned with the net's layers ({source}), got {type(tree).__name__}"
+        )
     if len(tree) != len(model.layers):
-        raise ValueError(f"{name} has {len(tree)} entries but the net has {len(model.layers)} layers")
+        raise ValueError(
+            f"{name} has {len(tree)} entries but the net has {len(model.layers)} layers"
+        )
 
 
 def check_params(params, model, name: str = "params") -> None:
@@ -377,7 +421,9 @@ def check_params(params, model, name: str = "params") -> None:
     check_model(model)
     if isinstance(model, Net):
         _check_aligned(params, model, name, "from fnbp.init_params")
-        for i, (p, want, layer) in enumerate(zip(params, _expected_params(model), model.layers, strict=True)):
+        for i, (p, want, layer) in enumerate(
+            zip(params, _expected_params(model), model.layers, strict=True)
+        ):
             _check_tree(p, want, f"{name}[{i}]", f"layer {i + 1}, {layer.kind}")
         return
     if not isinstance(params, (list, tuple)):
@@ -421,7 +467,10 @@ def check_inputs(model, x, y=None) -> None:
     if isinstance(model, MLP):
         want, spec = f"(batch, {model.sizes[0]})", f"model sizes {model.sizes}"
     else:
-        want, spec = f"(batch, {', '.join(map(str, model.input_shape))})", f"the net's input_shape {model.input_shape}"
+        want, spec = (
+            f"(batch, {', '.join(map(str, model.input_shape))})",
+            f"the net's input_shape {model.input_shape}",
+        )
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"x must be an array of shape {want}, got {type(x).__name__}")
     if x.ndim != 1 + len(model.input_shape) or tuple(x.shape[1:]) != model.input_shape:
@@ -500,7 +549,9 @@ def check_mode(model, *, state, train, key, what: str) -> bool:
             )
     if state is not None:
         _check_aligned(state, model, "state", "from fnbp.init_state")
-        for i, (s, layer, shape) in enumerate(zip(state, model.layers, model.in_shapes, strict=True)):
+        for i, (s, layer, shape) in enumerate(
+            zip(state, model.layers, model.in_shapes, strict=True)
+        ):
             want = jax.eval_shape(lambda layer=layer, shape=shape: layer.init_state(shape))
             _check_tree(s, want, f"state[{i}]", f"layer {i + 1}, {layer.kind}")
     if train and key is None:
