@@ -42,28 +42,44 @@ from fnbp.initializers import InitScheme, init_params
 from fnbp.model import (
     MLP,
     Params,
-    _loss,
+    _expected_params,
+    _loss_and_state,
     accuracy,
     check_compute_dtype,
     check_inputs,
     check_l2,
+    check_mode,
+    check_model,
     check_params,
+    draw_batch_masks,
 )
 
 Array = jax.Array
 GRADS = ("manual", "autodiff")
 
 
-def _value_and_grads(model: MLP, grads: str, l2, compute_dtype=None) -> Callable:
-    """``(params, x, y) -> (loss, grads)`` by the chosen method."""
+def _value_and_grads(model, grads: str, l2, compute_dtype=None) -> Callable:
+    """``(params, state, x, y, masks) -> (loss, grads, new state)`` in train mode, by the
+    chosen method."""
     if grads == "manual":
-        return lambda params, x, y: _backprop(params, model, x, y, l2, compute_dtype)[:2]
-    return lambda params, x, y: jax.value_and_grad(_loss)(params, model, x, y, l2, compute_dtype)
+
+        def manual(params, state, x, y, masks):
+            r = _backprop(params, model, x, y, l2, compute_dtype, state, masks, True)
+            return r.loss, r.grads, r.state
+
+        return manual
+
+    def autodiff(params, state, x, y, masks):
+        (loss, new_state), g = jax.value_and_grad(_loss_and_state, has_aux=True)(
+            params, model, x, y, l2, compute_dtype, state, masks, True
+        )
+        return loss, g, None if isinstance(model, MLP) else new_state
+
+    return autodiff
 
 
 def _check_config(model, optimizer, grads, l2):
-    if not isinstance(model, MLP):
-        raise TypeError(f"model must be an fnbp.MLP, got {type(model).__name__}")
+    check_model(model)
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(
             f"optimizer must be an optax.GradientTransformation (e.g. optax.sgd(0.1)), got "
@@ -74,41 +90,79 @@ def _check_config(model, optimizer, grads, l2):
     check_l2(l2)
 
 
-def _step_fn(model, optimizer, grads, l2, compute_dtype=None, skip_nonfinite=False):
-    value_and_grads = _value_and_grads(model, grads, l2, compute_dtype)
+def param_layers(model) -> list[int]:
+    """The (0-based) indices of the layers that have params: the layers the step's
+    ``grads_finite``/``params_finite`` flags are about (every layer of an MLP)."""
+    if isinstance(model, MLP):
+        return list(range(model.num_layers))
+    return [i for i, p in enumerate(_expected_params(model)) if jax.tree.leaves(p)]
 
-    def step(params, opt_state, x, y):
-        loss, g = value_and_grads(params, x, y)
+
+def weight_layers(model) -> list[int]:
+    """The (0-based) indices of the layers with weight matrices (dense, conv, residual blocks):
+    the layers ``grad_norms`` measures (every layer of an MLP)."""
+    if isinstance(model, MLP):
+        return list(range(model.num_layers))
+    shapes = _expected_params(model)
+    return [
+        i for i, (layer, p) in enumerate(zip(model.layers, shapes, strict=True)) if layer.weights(p)
+    ]
+
+
+def _grad_norm(layer, g) -> Array:
+    """‖∂L/∂W‖_F of the layer's weights (all of them together for a residual block)."""
+    ws = [w.astype(jnp.float32) for w in layer.weights(g)]
+    if len(ws) == 1:
+        return jnp.linalg.norm(ws[0])
+    return jnp.sqrt(sum(jnp.sum(jnp.square(w)) for w in ws))
+
+
+def _finite(p) -> Array:
+    """Every entry of the layer's leaves is finite. A sum is finite exactly when its entries
+    are, unless it overflows (|Σ| past the dtype's range, entries ~1e32 in float32: a blown-up
+    run either way); it fuses into passes XLA makes anyway, where isfinite(v).all() cost ~10%
+    of a 784-1024-1024-10 step on CPU."""
+    flags = [jnp.isfinite(jnp.sum(v)) for v in jax.tree.leaves(p)]
+    out = flags[0]
+    for f in flags[1:]:
+        out = out & f
+    return out
+
+
+def _step_fn(model, optimizer, grads, l2, compute_dtype=None, skip_nonfinite=False):
+    """``step(params, state, opt_state, key, x, y) -> (params, state, opt_state, metrics)``,
+    for every model (an MLP's state and key are ``None``)."""
+    value_and_grads = _value_and_grads(model, grads, l2, compute_dtype)
+    with_params, with_weights = param_layers(model), weight_layers(model)
+    layers = model.layers
+
+    def step(params, state, opt_state, key, x, y):
+        masks = draw_batch_masks(model, key, x.shape[0], True)
+        loss, g, new_state = value_and_grads(params, state, x, y, masks)
         updates, new_opt_state = optimizer.update(g, opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        # (L,): every entry of layer l is finite. A sum is finite exactly when its entries are,
-        # unless it overflows (|Σ| past the dtype's range, entries ~1e32 in float32: a blown-up
-        # run either way); it fuses into passes XLA makes anyway, where isfinite(v).all() cost
-        # ~10% of a 784-1024-1024-10 step on CPU.
-        finite = lambda tree: jnp.stack(  # noqa: E731
-            [jnp.isfinite(jnp.sum(p["W"])) & jnp.isfinite(jnp.sum(p["b"])) for p in tree]
-        )
+        finite = lambda tree: jnp.stack([_finite(tree[i]) for i in with_params])  # noqa: E731
         metrics = {
             "loss": loss,
-            "grad_norms": jnp.stack([jnp.linalg.norm(gl["W"].astype(jnp.float32)) for gl in g]),
+            "grad_norms": jnp.stack([_grad_norm(layers[i], g[i]) for i in with_weights]),
             "grads_finite": finite(g),
             "params_finite": finite(new_params),  # a finite but huge step can overflow them
         }
         if skip_nonfinite:  # keep the old state unless the loss, grads and new params are finite
             ok = jnp.isfinite(loss) & metrics["grads_finite"].all() & metrics["params_finite"].all()
-            new_params, new_opt_state = jax.tree.map(
+            new_params, new_state, new_opt_state = jax.tree.map(
                 lambda new, old: jnp.where(ok, new, old),
-                (new_params, new_opt_state),
-                (params, opt_state),
+                (new_params, new_state, new_opt_state),
+                (params, state, opt_state),
             )
             metrics["skipped"] = ~ok
-        return new_params, new_opt_state, metrics
+        return new_params, new_state, new_opt_state, metrics
 
     return step
 
 
 def make_train_step(
-    model: MLP,
+    model,
     optimizer: optax.GradientTransformation,
     *,
     grads: str = "manual",
@@ -116,10 +170,10 @@ def make_train_step(
     compute_dtype=None,
     skip_nonfinite: bool = False,
 ) -> Callable:
-    """A jitted training step.
+    """A jitted training step (train mode: batch statistics, dropout on).
 
     Arguments:
-        model: the :class:`fnbp.MLP` spec.
+        model: an :class:`fnbp.MLP` or :class:`fnbp.Net`.
         optimizer: any optax ``GradientTransformation``; initialize its state with
             ``optimizer.init(params)``.
         grads: ``"manual"`` (hand-written backprop) or ``"autodiff"`` (``jax.grad``).
@@ -128,68 +182,93 @@ def make_train_step(
             stay the (float32) master copy the optimizer updates, the gradients are computed
             in ``compute_dtype`` as in :func:`fnbp.backprop`.
         skip_nonfinite: a step whose loss, gradient or updated params hold a NaN or Inf
-            returns the params and optimizer state it was given, unchanged, and says so in
-            ``metrics["skipped"]`` (``optax.apply_if_finite`` looks at the gradient only, so
-            it lets through a finite step that overflows the params).
+            returns the params, state and optimizer state it was given, unchanged, and says
+            so in ``metrics["skipped"]`` (``optax.apply_if_finite`` looks at the gradient
+            only, so it lets through a finite step that overflows the params).
 
     Returns:
-        ``step(params, opt_state, x, y) -> (params, opt_state, metrics)``; ``metrics`` holds
-        ``loss`` (the loss before the update), ``grad_norms``, ``grads_finite`` and
-        ``params_finite`` (``(L,)``, the latter of the updated params).
-        Shapes are checked when the step is traced (once per input shape), not on every call.
-        Inputs laid out over several devices (``jax.device_put(x, NamedSharding(mesh,
-        P("data")))``, params replicated) run data-parallel as they are: XLA splits the
-        matmuls by rows and all-reduces the gradient sums.
+        For an MLP ``step(params, opt_state, x, y) -> (params, opt_state, metrics)``; for a
+        Net ``step(params, state, opt_state, key, x, y) -> (params, state, opt_state,
+        metrics)``, ``state`` from :func:`fnbp.init_state` and ``key`` drawing this step's
+        dropout masks. ``metrics`` holds ``loss`` (the loss before the update),
+        ``grad_norms`` (one per layer with weights, :func:`weight_layers`), ``grads_finite``
+        and ``params_finite`` (one per layer with params, :func:`param_layers`; the latter of
+        the updated params). Shapes are checked when the step is traced (once per input
+        shape), not on every call. Inputs laid out over several devices
+        (``jax.device_put(x, NamedSharding(mesh, P("data")))``, params replicated) run
+        data-parallel as they are: XLA splits the batch and all-reduces the gradient sums
+        (BatchNorm statistics are then those of the global batch).
     """
     _check_config(model, optimizer, grads, l2)
     step = _step_fn(model, optimizer, grads, l2, check_compute_dtype(compute_dtype), skip_nonfinite)
 
+    if isinstance(model, MLP):
+
+        @jax.jit
+        def train_step(params, opt_state, x, y):
+            check_params(params, model)
+            check_inputs(model, x, y)
+            params, _, opt_state, metrics = step(params, None, opt_state, None, x, y)
+            return params, opt_state, metrics
+
+        return train_step
+
     @jax.jit
-    def train_step(params, opt_state, x, y):
+    def net_step(params, state, opt_state, key, x, y):
         check_params(params, model)
         check_inputs(model, x, y)
-        return step(params, opt_state, x, y)
+        check_mode(model, state=state, train=True, key=key, what="train step")
+        return step(params, state, opt_state, key, x, y)
 
-    return train_step
+    return net_step
 
 
 def _steps_fn(
     model, optimizer, batch_size, grads, l2, compute_dtype=None, batch_sharding=None,
     skip_nonfinite=False,
 ):  # fmt: skip
-    """``run(params, opt_state, key, x, y, start, length)``: steps ``start … start+length−1`` of
-    the epoch whose shuffle ``key`` draws, in one ``lax.scan``; each batch is gathered from the
-    whole training set ``x, y`` as its step comes (and laid out by ``batch_sharding``)."""
+    """``run(params, state, opt_state, key, x, y, start, length)``: steps ``start …
+    start+length−1`` of the epoch whose ``key`` draws the shuffle (and, through
+    ``fold_in(fold_in(key, 1), s)``, step ``s``'s dropout masks), in one ``lax.scan``; each
+    batch is gathered from the whole training set ``x, y`` as its step comes (and laid out by
+    ``batch_sharding``)."""
     step = _step_fn(model, optimizer, grads, l2, compute_dtype, skip_nonfinite)
 
-    def run(params, opt_state, key, x, y, start, length):
+    def run(params, state, opt_state, key, x, y, start, length):
         idx = epoch_indices(key, x.shape[0], batch_size)  # (steps, batch) row indices
         idx = jax.lax.dynamic_slice_in_dim(idx, start, length)
+        mask_key = jax.random.fold_in(key, 1)
 
-        def body(carry, i):
-            params, opt_state = carry
+        def body(carry, i_s):
+            params, state, opt_state = carry
+            i, s = i_s
             xb, yb = x[i], y[i]
             if batch_sharding is not None:  # split the batch over the mesh's "data" axis
                 xb = jax.lax.with_sharding_constraint(xb, batch_sharding)
                 yb = jax.lax.with_sharding_constraint(yb, batch_sharding)
-            params, opt_state, metrics = step(params, opt_state, xb, yb)
-            return (params, opt_state), metrics
+            step_key = None if isinstance(model, MLP) else jax.random.fold_in(mask_key, s)
+            params, state, opt_state, metrics = step(params, state, opt_state, step_key, xb, yb)
+            return (params, state, opt_state), metrics
 
-        (params, opt_state), metrics = jax.lax.scan(body, (params, opt_state), idx)
-        return params, opt_state, metrics
+        steps = start + jnp.arange(length)
+        (params, state, opt_state), metrics = jax.lax.scan(
+            body, (params, state, opt_state), (idx, steps)
+        )
+        return params, state, opt_state, metrics
 
     return run
 
 
 def _epoch_fn(model, optimizer, batch_size, grads, l2, compute_dtype=None):
+    """``epoch(params, state, opt_state, key, x, y)``: every step of one epoch."""
     run = _steps_fn(model, optimizer, batch_size, grads, l2, compute_dtype)
-    return lambda params, opt_state, key, x, y: run(
-        params, opt_state, key, x, y, 0, x.shape[0] // batch_size
+    return lambda params, state, opt_state, key, x, y: run(
+        params, state, opt_state, key, x, y, 0, x.shape[0] // batch_size
     )
 
 
 def make_train_epoch(
-    model: MLP,
+    model,
     optimizer: optax.GradientTransformation,
     *,
     batch_size: int,
@@ -200,26 +279,40 @@ def make_train_epoch(
     """A jitted whole epoch: shuffle, then every mini-batch step in one ``lax.scan``.
 
     Returns:
-        ``epoch(params, opt_state, key, x, y) -> (params, opt_state, metrics)`` where ``x, y``
-        are the whole training set, ``key`` draws this epoch's shuffle, and every entry of
-        ``metrics`` has a leading axis of ``len(x) // batch_size`` steps. The last
-        ``len(x) mod batch_size`` shuffled examples sit out the epoch.
+        For an MLP ``epoch(params, opt_state, key, x, y) -> (params, opt_state, metrics)``;
+        for a Net ``epoch(params, state, opt_state, key, x, y) -> (params, state, opt_state,
+        metrics)``. ``x, y`` are the whole training set, ``key`` draws this epoch's shuffle
+        and its dropout masks, and every entry of ``metrics`` has a leading axis of
+        ``len(x) // batch_size`` steps. The last ``len(x) mod batch_size`` shuffled examples
+        sit out the epoch.
     """
     _check_config(model, optimizer, grads, l2)
     _check_batch_size(batch_size)
     epoch = _epoch_fn(model, optimizer, batch_size, grads, l2, check_compute_dtype(compute_dtype))
 
+    if isinstance(model, MLP):
+
+        @jax.jit
+        def train_epoch(params, opt_state, key, x, y):
+            check_params(params, model)
+            check_inputs(model, x, y)
+            params, _, opt_state, metrics = epoch(params, None, opt_state, key, x, y)
+            return params, opt_state, metrics
+
+        return train_epoch
+
     @jax.jit
-    def train_epoch(params, opt_state, key, x, y):
+    def net_epoch(params, state, opt_state, key, x, y):
         check_params(params, model)
         check_inputs(model, x, y)
-        return epoch(params, opt_state, key, x, y)
+        check_mode(model, state=state, train=True, key=key, what="train epoch")
+        return epoch(params, state, opt_state, key, x, y)
 
-    return train_epoch
+    return net_epoch
 
 
 def make_population_epoch(
-    model: MLP,
+    model,
     optimizer: optax.GradientTransformation,
     *,
     batch_size: int,
@@ -230,26 +323,40 @@ def make_population_epoch(
     """:func:`make_train_epoch` vmapped over a population: one XLA program trains them all.
 
     Returns:
-        ``epoch(params, opt_states, keys, x, y) -> (params, opt_states, metrics)`` where
-        ``params`` and ``opt_states`` carry a leading population axis of size ``P`` (from
-        :func:`init_population` and ``jax.vmap(optimizer.init)``), ``keys`` has shape ``(P,)``
-        (one shuffle per member), and the data ``x, y`` is shared. ``metrics`` entries have
-        shape ``(P, steps, …)``.
+        For an MLP ``epoch(params, opt_states, keys, x, y) -> (params, opt_states, metrics)``;
+        for a Net ``epoch(params, states, opt_states, keys, x, y) -> (params, states,
+        opt_states, metrics)``. ``params``, ``states`` and ``opt_states`` carry a leading
+        population axis of size ``P`` (from :func:`init_population`,
+        ``jax.vmap(lambda _: fnbp.init_state(net))(jnp.arange(P))`` and
+        ``jax.vmap(optimizer.init)``), ``keys`` has shape ``(P,)`` (one shuffle per member),
+        and the data ``x, y`` is shared. ``metrics`` entries have shape ``(P, steps, …)``.
     """
     _check_config(model, optimizer, grads, l2)
     _check_batch_size(batch_size)
     epoch = jax.vmap(
         _epoch_fn(model, optimizer, batch_size, grads, l2, check_compute_dtype(compute_dtype)),
-        in_axes=(0, 0, 0, None, None),
+        in_axes=(0, 0, 0, 0, None, None),
     )
+    first = lambda tree: jax.tree.map(lambda v: v[0], tree)  # noqa: E731
+
+    if isinstance(model, MLP):
+
+        @jax.jit
+        def population_epoch(params, opt_states, keys, x, y):
+            check_params(first(params), model)
+            check_inputs(model, x, y)
+            params, _, opt_states, metrics = epoch(params, None, opt_states, keys, x, y)
+            return params, opt_states, metrics
+
+        return population_epoch
 
     @jax.jit
-    def population_epoch(params, opt_states, keys, x, y):
-        check_params([jax.tree.map(lambda v: v[0], p) for p in params], model)
+    def net_population_epoch(params, states, opt_states, keys, x, y):
+        check_params(first(params), model)
         check_inputs(model, x, y)
-        return epoch(params, opt_states, keys, x, y)
+        return epoch(params, states, opt_states, keys, x, y)
 
-    return population_epoch
+    return net_population_epoch
 
 
 def init_population(
@@ -276,13 +383,13 @@ def init_population(
     return jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *pops)
 
 
-def _is_classification(model: MLP, y) -> bool:
+def _is_classification(model, y) -> bool:
     """Softmax classifiers, one-output binary classifiers, and class indices under mse."""
     if model.loss == "softmax_cross_entropy":
         return True
     if model.loss == "sigmoid_binary_cross_entropy":
-        return model.sizes[-1] == 1
-    return model.sizes[-1] > 1 and jnp.issubdtype(jnp.asarray(y).dtype, jnp.integer)
+        return model.output_size == 1
+    return model.output_size > 1 and jnp.issubdtype(jnp.asarray(y).dtype, jnp.integer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -594,7 +701,7 @@ def fit(
             batch_sharding,
             on_nonfinite == "skip",
         ),  # fmt: skip
-        static_argnums=6,
+        static_argnums=7,
     )
 
     def save(state: _Progress) -> Path | None:
@@ -623,8 +730,8 @@ def fit(
             pos = state.step - (epoch - 1) * steps_per_epoch  # ≠ 0 only when resumed mid-epoch
             while pos < steps_per_epoch:
                 length = min(every - pos % every, steps_per_epoch - pos)
-                params, opt_state, metrics = run(
-                    state.params, state.opt_state, epoch_key, x_train, y_train, pos, length
+                params, _, opt_state, metrics = run(
+                    state.params, None, state.opt_state, epoch_key, x_train, y_train, pos, length
                 )
                 metrics = jax.device_get(metrics)  # the one host sync of the chunk
                 bad = _first_nonfinite(metrics) if on_nonfinite == "stop" else None

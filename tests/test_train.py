@@ -119,7 +119,7 @@ def test_step_compiles_once_across_calls():
     traced = chex.assert_max_traces(n=1)(train._step_fn(model, optimizer, "manual", 0.0))
     step = jax.jit(traced)
     for i in range(5):
-        params, opt_state, _ = step(params, opt_state, x[i : i + 8], y[i : i + 8])
+        params, _, opt_state, _ = step(params, None, opt_state, None, x[i : i + 8], y[i : i + 8])
 
 
 def test_scan_fused_epoch_equals_a_python_loop_of_steps_over_the_same_batches():
@@ -481,10 +481,10 @@ for n in (1, 4):
               "devices_holding_W": len(p[0]["W"].sharding.device_set)}
 run = jax.jit(train._steps_fn(model, optax.sgd(0.05), 32, "manual", 0.0, batch_sharding=
               jax.sharding.NamedSharding(train.data_mesh(4), jax.sharding.PartitionSpec("data"))),
-              static_argnums=6)
+              static_argnums=7)
 rep = jax.sharding.NamedSharding(train.data_mesh(4), jax.sharding.PartitionSpec())
 args = jax.device_put((params, optax.sgd(0.05).init(params), ds.x_train, ds.y_train), rep)
-hlo = run.lower(args[0], args[1], jax.random.key(0), args[2], args[3], 0, 2).compile().as_text()
+hlo = run.lower(args[0], None, args[1], jax.random.key(0), args[2], args[3], 0, 2).compile().as_text()
 out["all_reduce"] = "all-reduce" in hlo
 for bad in (5, 3):
     try:
