@@ -141,8 +141,9 @@ def cast(tree, dtype):
 
 
 def blank_state(model) -> list:
-    """``{}`` for every layer: the state of a model that keeps no statistics."""
-    return [{} for _ in model.layers]
+    """The state of a model that keeps no statistics: ``{}`` for every layer, ``{"branch":
+    [{}, …]}`` for a residual block (its layers' own init_state, which has no leaves)."""
+    return [layer.init_state(s) for layer, s in zip(model.layers, model.in_shapes, strict=True)]
 
 
 def run(
