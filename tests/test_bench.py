@@ -16,6 +16,14 @@ import jax
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TORCH = importlib.util.find_spec("torch") is not None
+sys.path.insert(0, str(ROOT / "scripts"))  # the bench package
+
+from bench.common import paired  # noqa: E402
+
+NETS = ("digits CNN", "MNIST-1D CNN", "residual MLP, BatchNorm")
+# The MNIST-1D CNN's parameter count by hand: Conv 5·1·25 + 25, two Conv 3·25·25 + 25, then a
+# 40 → 19 → 10 → 5 positions (stride 2, padding 1) × 25 channels = 125 → Dense 10.
+MNIST1D_CNN_PARAMS = (5 * 1 * 25 + 25) + 2 * (3 * 25 * 25 + 25) + (125 * 10 + 10)
 
 
 def _positive(v) -> bool:
@@ -32,7 +40,8 @@ def test_bench_quick_writes_every_section_with_positive_numbers(tmp_path):
     result = json.loads((tmp_path / f"{stem}.json").read_text())
     table = (tmp_path / f"{stem}.md").read_text()
 
-    for section in ("meta", "matmul_ceiling", "train_step", "ratios", "sweep", "per_example"):
+    sections = ("meta", "matmul_ceiling", "train_step", "ratios", "net_steps", "net_ratios")
+    for section in (*sections, "sweep", "per_example"):
         assert section in result, section
     assert {"crosscheck", "targets", "notes"} <= set(result)
     meta = result["meta"]
@@ -54,6 +63,21 @@ def test_bench_quick_writes_every_section_with_positive_numbers(tmp_path):
         assert _positive(r["ratio"])
         assert _positive(r["manual_peak_bytes"]) and _positive(r["autodiff_peak_bytes"])
 
+    net_rows = [s for s in result["net_steps"] if s.get("median_ms") is not None]
+    for name in NETS:
+        impls = {s["impl"] for s in net_rows if s["net"].startswith(name)}
+        assert impls == {"fnbp manual", "fnbp autodiff", "flax + optax"}, (name, impls)
+    for s in net_rows:
+        assert _positive(s["median_ms"]) and _positive(s["compile_s"]), s
+        assert _positive(s["peak_bytes"]) and _positive(s["num_params"]), s
+    assert len(result["net_ratios"]) == len(NETS)
+    assert all(r["net"].startswith(n) for r, n in zip(result["net_ratios"], NETS, strict=True))
+    for r in result["net_ratios"]:
+        assert _positive(r["ratio"]) and r["paired_iqr"][0] <= r["ratio"] <= r["paired_iqr"][1]
+        cnn = "CNN" in r["net"]  # convolutions in both programs, none in the residual MLP's
+        for hlo in (r["manual_hlo"], r["autodiff_hlo"]):
+            assert (hlo["convolution"] > 0) == cnn and hlo["fusion"] > 0, r
+
     sweep = result["sweep"]
     for method in ("python_loop", "scan_epoch", "vmap_population_scan"):
         assert _positive(sweep[method]["model_steps_per_s"]), method
@@ -67,8 +91,21 @@ def test_bench_quick_writes_every_section_with_positive_numbers(tmp_path):
     cc = result["crosscheck"]
     assert cc["passed"] is True and _positive(cc["fnbp_first_s"]) and _positive(cc["num_params"])
     assert ("torch_gradcheck_s" in cc) == HAS_TORCH
+    (cnn,) = cc["nets"]
+    assert cnn["name"] == "MNIST-1D CNN" and "note" not in cnn, cnn
+    assert cnn["passed"] is True and cnn["num_params"] == MNIST1D_CNN_PARAMS
+    assert _positive(cnn["fnbp_first_s"]) and _positive(cnn["vs_mlp"])
 
     assert all(t["met"] in (True, False, None) and t["target"] for t in result["targets"])
-    for heading in ("## Targets", "## Train step", "## Sweep", "## Per-example", "## Cross-check"):
+    headings = ("## Targets", "## Train step (", "## Train step of nets", "## Sweep")
+    for heading in (*headings, "## Per-example", "## Cross-check"):
         assert heading in table, heading
     assert meta["device"] in table
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios_not_the_ratio_of_medians():
+    # Round 2 is slowed for both (another process on the cores): per-round ratios 0.5, 0.5,
+    # 2.0 have median 0.5, while the medians 4 / 4 would say 1.0.
+    got = paired([1.0, 4.0, 8.0], [2.0, 8.0, 4.0])
+    assert got["ratio"] == 0.5 and got["ratio_of_medians"] == 1.0
+    assert got["paired_iqr"] == [0.5, 1.25]  # numpy's linear interpolation between 0.5 and 2.0

@@ -1,0 +1,93 @@
+"""Sweep throughput: 64 small models (64-128-128-10, batch 32) on digits by a Python loop of
+jitted steps, a scan-fused epoch per model, and the vmapped population + scan; and the
+population's matmul floor, the real upper bound of any fused form."""
+
+from __future__ import annotations
+
+import statistics
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import fnbp
+from bench.ceiling import step_matmuls
+from bench.common import LR, MOMENTUM, log, time_calls
+from fnbp import data
+
+
+def sweep_section(args) -> dict:
+    """model-steps/s for 64 (quick: 8) models 64-128-128-10, batch 32, on digits."""
+    log("sweep: 64 small models on digits")
+    P, batch, epochs = (8 if args.quick else 64), 32, (1 if args.quick else 2)
+    ds = data.load_digits(seed=0)
+    x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
+    model = fnbp.MLP((64, 128, 128, 10))
+    optimizer = optax.sgd(LR, momentum=MOMENTUM)
+    keys = jax.random.split(jax.random.key(0), P)
+    population = fnbp.init_population(keys, model)
+    members = [jax.tree.map(lambda v, i=i: v[i], population) for i in range(P)]
+    steps = len(x) // batch
+    step = fnbp.make_train_step(model, optimizer)
+    epoch = fnbp.make_train_epoch(model, optimizer, batch_size=batch)
+    pop_epoch = fnbp.make_population_epoch(model, optimizer, batch_size=batch)
+    # The loop's batches are shuffled and split before the clock starts (the two fused
+    # programs shuffle inside): the loop is timed on its steps alone.
+    batches = []
+    for i in range(P):
+        xb, yb = data.epoch_batches(keys[i], x, y, batch)
+        batches.append(list(zip(list(xb), list(yb), strict=True)))
+
+    def loop():
+        out = []
+        for i in range(P):
+            p, s = members[i], optimizer.init(members[i])
+            for _ in range(epochs):
+                for xb, yb in batches[i]:
+                    p, s, m = step(p, s, xb, yb)
+            out.append(p)
+        jax.block_until_ready(out)
+
+    def scan():
+        out = []
+        for i in range(P):
+            p, s = members[i], optimizer.init(members[i])
+            for e in range(epochs):
+                p, s, m = epoch(p, s, jax.random.fold_in(keys[i], e), x, y)
+            out.append(p)
+        jax.block_until_ready(out)
+
+    def population_scan():
+        p, s = population, jax.vmap(optimizer.init)(population)
+        for e in range(epochs):
+            p, s, m = pop_epoch(p, s, jax.vmap(lambda k, e=e: jax.random.fold_in(k, e))(keys), x, y)
+        jax.block_until_ready(p)
+
+    result = {"models": P, "batch": batch, "steps_per_epoch": steps, "epochs": epochs}
+    fns = {"python_loop": loop, "scan_epoch": scan, "vmap_population_scan": population_scan}
+    for fn in fns.values():  # warm-up: compile each program once
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(max(1, args.repeats // 2)):
+        for name, fn in fns.items():
+            times[name].append(time_calls(fn))
+    for name, ts in times.items():
+        t = statistics.median(ts)
+        result[name] = {"seconds": t, "model_steps_per_s": P * steps * epochs / t}
+        log(f"  {name:22s} {P * steps * epochs / t:12.0f} model-steps/s")
+    result["speedup_population_over_loop"] = (
+        result["vmap_population_scan"]["model_steps_per_s"]
+        / result["python_loop"]["model_steps_per_s"]
+    )
+    # A floor no fused form can beat: the population's matmuls alone, vmapped like its step.
+    floor = step_matmuls((64, 128, 128, 10), batch, "float32", max(3, args.repeats), P)
+    result["matmul_floor_us_per_model_step"] = 1e3 * floor["ms"] / P
+    result["matmul_floor_tflops"] = floor["tflops"]
+    result["max_speedup_over_loop"] = (1e6 / result["python_loop"]["model_steps_per_s"]) / result[
+        "matmul_floor_us_per_model_step"
+    ]
+    log(
+        f"  matmuls alone: {result['matmul_floor_us_per_model_step']:.1f} µs per model-step, "
+        f"at most {result['max_speedup_over_loop']:.1f}× the loop"
+    )
+    return result
