@@ -11,7 +11,7 @@ from fnbp.backprop import Backprop, backprop, per_example_grads
 from fnbp.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fnbp.crosscheck import CrosscheckReport, autodiff_grads, crosscheck
 from fnbp.diagnostics import layer_stats
-from fnbp.flax_interop import FlaxMLP, from_flax, to_flax
+from fnbp.flax_interop import FlaxMLP, FlaxNet, from_flax, to_flax
 from fnbp.initializers import (
     SCHEMES,
     InitScheme,
@@ -49,6 +49,7 @@ __all__ = [
     "Checkpoint",
     "CrosscheckReport",
     "FlaxMLP",
+    "FlaxNet",
     "InitScheme",
     "Interrupted",
     "Loss",
