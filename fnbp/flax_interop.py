@@ -30,7 +30,11 @@ fnbp kind       Linen                                           variables
                                                                 Pᵀ`` (``nn.Dense``, no bias)
 ``Flatten``,    ``x.reshape``                                   –
 ``Reshape``
+``Activation``  the identity (then ``f``, as after every kind)  –
 ==============  ==============================================  ================================
+
+Each layer's ``activation`` (from :mod:`fnbp.activations`) follows its op. Conv padding goes to
+Flax as given: ``"SAME"`` is padded by Flax's own rule, a check of fnbp's.
 
 Flax draws its own Bernoulli masks, so to reproduce an fnbp train-mode step exactly the
 module takes fnbp's masks::
