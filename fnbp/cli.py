@@ -1,5 +1,8 @@
 """The ``fnbp`` command line: ``fnbp train`` and ``fnbp check``.
 
+The net is an MLP (``--sizes``), a spec file (``--net FILE.json``, the JSON of
+:meth:`fnbp.Net.to_json`) or a preset of :mod:`fnbp.presets` sized for the data (``--arch``).
+
 Bad arguments end in a one-line ``fnbp: error: …`` message and exit code 2, before anything is
 written; ``fnbp check`` exits 1 when the cross-check fails, ``fnbp train`` when training
 diverges. ``fnbp train`` checkpoints as it goes; SIGINT or SIGTERM make it save a checkpoint and
@@ -31,7 +34,13 @@ TRAIN_SETTINGS = (
     "l2", "optimizer", "lr", "momentum", "batch_size", "epochs", "grads", "compute_dtype",
     "checkpoint_every", "on_nonfinite", "devices",
 )  # fmt: skip
+# ... and those of a run whose model is a Net: "net" is its full spec (Net.to_dict()), which
+# --resume rebuilds it from; the others record how it was chosen. An MLP run has none of them.
+NET_SETTINGS = ("net", "net_file", "arch", "depth", "width", "norm", "alpha", "dropout")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# The data `fnbp check --arch NAME` sizes a preset for: (features, outputs) of digits or mnist1d.
+CHECK_SIZES = {"cnn": (64, 10), "mnist1d_cnn": (40, 10), "resmlp": (64, 10)}
+CHECK_RESMLP = {"depth": 3, "width": 16}  # small enough for finite differences of every param
 
 
 class UsageError(Exception):
@@ -85,6 +94,26 @@ def _nonnegative_float(text):
     return value
 
 
+def _finite_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+    return value
+
+
+def _rate(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a drop probability in [0, 1), got {text}")
+    return value
+
+
 def _devices(text: str) -> int | str:
     if text == "all":
         return text
@@ -101,34 +130,81 @@ def _parser(raise_errors: bool = False) -> argparse.ArgumentParser:
     from fnbp.activations import ACTIVATIONS
     from fnbp.initializers import SCHEMES
     from fnbp.losses import LOSSES
+    from fnbp.presets import ARCHS, NORMS, RESMLP_DEPTH, RESMLP_WIDTH
 
     parser = _Parser(
         prog="fnbp",
         raise_errors=raise_errors,
-        description="Functional MLPs in JAX with a hand-written, cross-checked backprop.",
+        description="Functional nets in JAX with a hand-written, cross-checked backprop.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def model_args(p, sizes_default):
-        p.add_argument(
-            "--sizes", type=_sizes, default=sizes_default, help="layer widths, e.g. 64,128,128,10"
+    def model_args(p, sizes_default, resmlp_default):
+        g = p.add_argument_group("the net: one of --sizes, --net, --arch (default: an MLP)")
+        g.add_argument(
+            "--sizes", type=_sizes, help=f"an MLP of these layer widths (default {sizes_default})"
         )
-        p.add_argument("--activation", default="relu", choices=sorted(ACTIVATIONS))
+        g.add_argument(
+            "--net", dest="net_file", metavar="FILE.json",
+            help="a net spec file: the JSON of fnbp.Net.to_json() (it sets activations and loss)",
+        )  # fmt: skip
+        g.add_argument(
+            "--arch", choices=ARCHS,
+            help="a preset net sized for the data: cnn (2-D CNN for square images, e.g. digits), "
+            "mnist1d_cnn (three Conv1d of 25 channels, kernels 5/3/3, stride 2), resmlp "
+            "(residual MLP: --depth, --width, --norm, --alpha)",
+        )  # fmt: skip
+        g.add_argument(
+            "--depth", type=_positive(int),
+            help=f"--arch resmlp: number of residual blocks (default {resmlp_default['depth']})",
+        )  # fmt: skip
+        g.add_argument(
+            "--width", type=_positive(int),
+            help=f"--arch resmlp: features of every block (default {resmlp_default['width']})",
+        )  # fmt: skip
+        g.add_argument(
+            "--norm", choices=NORMS,
+            help="--arch resmlp: BatchNorm, LayerNorm or no normalization in each block "
+            "(default none)",
+        )  # fmt: skip
+        g.add_argument(
+            "--alpha", type=_finite_float,
+            help="--arch resmlp: the blocks' branch scale α in x + α·F(x) (default 1/√depth)",
+        )  # fmt: skip
+        g.add_argument(
+            "--dropout", type=_rate, metavar="RATE",
+            help="--arch or --sizes: Dropout of this drop probability after the hidden layers "
+            "(default 0: none)",
+        )  # fmt: skip
+        p.add_argument(
+            "--activation", choices=sorted(ACTIVATIONS),
+            help="hidden activation of --sizes and --arch nets (default relu)",
+        )  # fmt: skip
         p.add_argument(
             "--loss", choices=sorted(LOSSES),
             help="default: mse for teacher_student, softmax_cross_entropy otherwise",
         )  # fmt: skip
-        p.add_argument("--output-activation", default="identity", choices=sorted(ACTIVATIONS))
+        p.add_argument(
+            "--output-activation", choices=sorted(ACTIVATIONS),
+            help="activation of the last layer of --sizes and --arch nets (default identity)",
+        )  # fmt: skip
         p.add_argument("--init", default="he_normal", choices=sorted(SCHEMES), help="init scheme")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--l2", type=_nonnegative_float, default=0.0, help="L2 strength λ")
+        p.set_defaults(resmlp_default=resmlp_default)
 
     t = sub.add_parser(
-        "train", help="train an MLP and write metrics, config and params", raise_errors=raise_errors
-    )
+        "train",
+        help="train a net (an MLP, a --net file or an --arch preset); write metrics, config, "
+        "params",
+        description="Train a net and write metrics.jsonl, config.json (with the net's full "
+        "spec), checkpoints and params.npz to a run folder.",
+        raise_errors=raise_errors,
+    )  # fmt: skip
     t.add_argument("--dataset", default="digits", choices=DATASETS)
     t.add_argument("--data-dir", help="folder with the MNIST IDX files (--dataset mnist)")
-    model_args(t, None)
+    model_args(t, "per dataset, e.g. 64,128,128,10 for digits",
+               {"depth": RESMLP_DEPTH, "width": RESMLP_WIDTH})  # fmt: skip
     t.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
     t.add_argument("--lr", type=_positive(float), default=0.02, help="learning rate")
     t.add_argument(
@@ -162,20 +238,35 @@ def _parser(raise_errors: bool = False) -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     c = sub.add_parser(
-        "check", help="cross-check the hand-written grads on random data", raise_errors=raise_errors
-    )
-    model_args(c, "784,16,16,10")
+        "check",
+        help="cross-check the hand-written grads on random data",
+        description="Cross-check the hand-written gradients against jax.grad and finite "
+        "differences on random data. An --arch preset is sized for its data set (cnn, resmlp: "
+        "digits; mnist1d_cnn: mnist1d). A net (--net, --arch, --sizes with --dropout) is checked "
+        "at PERTURBED params: biases, γ, β and learned α shifted by 0.5·N(0, 1), random running "
+        "statistics, because at init (b = 0, γ = 1, β = 0) some wrong rules give the right "
+        "answer; an MLP at its init params.",
+        raise_errors=raise_errors,
+    )  # fmt: skip
+    model_args(c, "784,16,16,10", CHECK_RESMLP)
     c.add_argument("--batch-size", type=_positive(int), default=32)
     c.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16"))
     c.add_argument(
         "--compute-dtype", choices=COMPUTE_DTYPES,
         help="check the mixed-precision gradients (params in --dtype, matmuls in this dtype)",
     )  # fmt: skip
+    c.add_argument(
+        "--mode", choices=("train", "eval"),
+        help="nets with BatchNorm or Dropout: train (batch statistics, dropout masks from a "
+        "key; the default) or eval (running statistics, no dropout)",
+    )  # fmt: skip
     c.add_argument("--no-fd", action="store_true", help="skip the finite differences")
     return parser
 
 
-def _load_dataset(args):
+def _load_dataset(args, sizes):
+    """The data set of ``--dataset``; ``sizes`` (n₀, …, n_L) shape the teacher of
+    teacher_student."""
     import jax
 
     from fnbp import data
@@ -188,8 +279,155 @@ def _load_dataset(args):
         if not args.data_dir:
             raise UsageError("--dataset mnist needs --data-dir FOLDER holding the MNIST IDX files")
         return data.load_mnist(args.data_dir)
-    sizes = args.sizes or _sizes(DEFAULT_SIZES["teacher_student"])
     return data.teacher_student(jax.random.key(args.seed), sizes=(sizes[0], 32, sizes[-1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Choosing the net: --sizes (an MLP), --net FILE.json, --arch NAME
+
+
+def _given(args, *names) -> list[str]:
+    """The options among ``names`` (dests) given on the command line, as ``--option``."""
+    flag = {"net_file": "--net"}
+    return [flag.get(n, f"--{n.replace('_', '-')}") for n in names if getattr(args, n) is not None]
+
+
+def _chosen(args) -> str:
+    """How the net was chosen, for messages: ``--net FILE``, ``--arch cnn``, ``--sizes 64,10``."""
+    if args.net_file is not None:
+        return f"--net {args.net_file}"
+    if args.arch is not None:
+        return f"--arch {args.arch}"
+    return f"--sizes {','.join(map(str, args.sizes))}"
+
+
+def _check_net_options(args) -> None:
+    """Refuse options that contradict each other in choosing the net (before anything runs)."""
+    chosen = _given(args, "net_file", "sizes", "arch")
+    if len(chosen) > 1:
+        raise UsageError(
+            f"{' and '.join(chosen)} both choose the net; give one of --sizes (an MLP), "
+            "--net FILE.json or --arch NAME"
+        )
+    blocks = _given(args, "depth", "width", "norm", "alpha")
+    if blocks and args.arch != "resmlp":
+        net = _chosen(args) if args.arch or args.net_file else "an MLP (--sizes)"
+        raise UsageError(
+            f"{blocks[0]} sets the blocks of --arch resmlp, but the net is {net}; drop "
+            f"{', '.join(blocks)} or use --arch resmlp"
+        )
+    if args.net_file is not None:
+        own = _given(args, "activation", "output_activation", "loss", "dropout")
+        if own:
+            raise UsageError(
+                f"--net {args.net_file} sets its own activations, loss and dropout layers; drop "
+                f"{', '.join(own)} (or edit the file)"
+            )
+
+
+def _read_net(path: str):
+    """The :class:`fnbp.Net` in the JSON file ``path``; a :class:`UsageError` naming the file
+    (and the layer, for a bad layer) otherwise."""
+    from fnbp.net import Net
+
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise UsageError(f"--net {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise UsageError(f"--net {path}: cannot read it ({why})") from None
+    try:
+        return Net.from_json(text)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--net {path}: {e}") from None
+
+
+def _build_model(args, features: int | None = None, outputs: int | None = None):
+    """The :class:`fnbp.MLP` or :class:`fnbp.Net` that ``args`` choose; an ``--arch`` preset is
+    sized for ``features`` inputs and ``outputs`` outputs (``None`` before the data is known).
+
+    Resolves the defaults it uses into ``args`` (so config.json records them).
+    """
+    from fnbp import presets
+    from fnbp.model import MLP
+
+    if getattr(args, "net_spec", None) is not None:  # --resume: the net config.json recorded
+        return args.net_spec
+    if args.net_file is not None:
+        return _read_net(args.net_file)
+    args.activation = args.activation or "relu"
+    args.output_activation = args.output_activation or "identity"
+    options = {
+        "activation": args.activation,
+        "output_activation": args.output_activation,
+        "loss": args.loss,
+    }
+    if args.arch is None:
+        if args.dropout:
+            try:
+                return presets.mlp(args.sizes, **options, dropout=args.dropout)
+            except ValueError as e:
+                raise UsageError(f"{_chosen(args)} --dropout {args.dropout}: {e}") from None
+        return MLP(args.sizes, args.activation, args.loss, args.output_activation)
+    if features is None:
+        return None
+    args.dropout = args.dropout or 0.0
+    if args.arch == "resmlp":
+        args.depth = args.depth or args.resmlp_default["depth"]
+        args.width = args.width or args.resmlp_default["width"]
+        args.norm = args.norm or "none"
+        args.alpha = 1 / math.sqrt(args.depth) if args.alpha is None else args.alpha
+        options.update(depth=args.depth, width=args.width, norm=args.norm, alpha=args.alpha)
+    try:
+        return presets.PRESETS[args.arch](features, outputs, **options, dropout=args.dropout)
+    except ValueError as e:
+        raise UsageError(f"--arch {e}") from None  # the message starts with the preset's name
+
+
+def _net_settings(args, model) -> dict:
+    """The :data:`NET_SETTINGS` of a run (none for an MLP: its config.json stays as it was)."""
+    from fnbp.net import Net
+
+    if not isinstance(model, Net):
+        return {}
+    settings = {k: getattr(args, k, None) for k in NET_SETTINGS}
+    settings["net"] = model.to_dict()
+    if args.net_file is not None:
+        settings["net_file"] = str(Path(args.net_file).resolve())
+    return settings
+
+
+def _shaped(model, ds, args):
+    """``ds`` with its inputs reshaped to ``(N, *model.input_shape)``; a :class:`UsageError`
+    naming both shapes when the model does not fit the data."""
+    from fnbp.model import MLP
+
+    if isinstance(model, MLP):
+        sizes = model.sizes
+        if ds.num_features != sizes[0] or ds.num_outputs != sizes[-1]:
+            raise UsageError(
+                f"--sizes {','.join(map(str, sizes))} does not fit dataset {args.dataset}: it has "
+                f"{ds.num_features} features and {ds.num_outputs} outputs, so sizes must start "
+                f"with {ds.num_features} and end with {ds.num_outputs}"
+            )
+        return ds
+    shape, need = model.input_shape, math.prod(model.input_shape)
+    if math.prod(ds.x_train.shape[1:]) != need:
+        raise UsageError(
+            f"{_chosen(args)}: the net's input_shape {shape} takes {need} features per "
+            f"example, but dataset {args.dataset} has inputs of shape {tuple(ds.x_train.shape)}"
+        )
+    if ds.num_outputs != model.output_size:
+        what = "classes" if ds.num_classes is not None else "targets"
+        raise UsageError(
+            f"{_chosen(args)}: the net has {model.output_size} outputs, but dataset "
+            f"{args.dataset} has {ds.num_outputs} {what}"
+        )
+    return ds._replace(
+        x_train=ds.x_train.reshape(len(ds.x_train), *shape),
+        x_test=ds.x_test.reshape(len(ds.x_test), *shape),
+    )
 
 
 class _StopOnSignal:
@@ -242,13 +480,14 @@ def _resumed(args, argv) -> tuple[Path, argparse.Namespace]:
     try:
         config = json.loads(config_path.read_text())
         saved = {k: config[k] for k in TRAIN_SETTINGS}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        saved.update({k: config.get(k) for k in NET_SETTINGS})  # absent from an MLP run's
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:  # fmt: skip
         raise UsageError(
             f"{config_path}: not an fnbp train config ({type(e).__name__}: {e})"
         ) from None
     rebuilt = ["train"]
     for k, v in saved.items():
-        if v is not None:
+        if v is not None and k not in ("net", "net_file"):  # the net: from its recorded spec
             rebuilt += [
                 f"--{k.replace('_', '-')}",
                 ",".join(map(str, v)) if k == "sizes" else str(v),
@@ -258,6 +497,14 @@ def _resumed(args, argv) -> tuple[Path, argparse.Namespace]:
     except UsageError as e:
         raise UsageError(f"{config_path}: {e}") from None
     resumed.resume, resumed.no_progress = args.resume, args.no_progress
+    resumed.net_file, resumed.net_spec = saved["net_file"], None
+    if saved["net"] is not None:
+        from fnbp.net import Net
+
+        try:
+            resumed.net_spec = Net.from_dict(saved["net"])
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"{config_path}: net: {e}") from None
     return run, resumed
 
 
@@ -295,30 +542,41 @@ def _run_training(args, argv, stop: _StopOnSignal) -> int:
     from fnbp import checkpoint
     from fnbp.initializers import init_params
     from fnbp.io import save_params
-    from fnbp.model import MLP
+    from fnbp.model import MLP, init_state
     from fnbp.report import check_out, environment, save_json
     from fnbp.train import Interrupted, data_mesh, fit
 
     resume = args.resume is not None
     if resume:
         out, args = _resumed(args, argv)
-    sizes = args.sizes or _sizes(DEFAULT_SIZES[args.dataset])
+    else:
+        _check_net_options(args)
+    if args.arch is None and args.net_file is None:
+        args.sizes = args.sizes or _sizes(DEFAULT_SIZES[args.dataset])
     regression = args.dataset == "teacher_student"
-    args.loss = args.loss or ("mse" if regression else "softmax_cross_entropy")
+    if args.net_file is None:  # a net file sets its own loss
+        args.loss = args.loss or ("mse" if regression else "softmax_cross_entropy")
+    model = _build_model(args)  # None for an --arch preset: it is sized for the data below
+    if model is not None and not isinstance(model, MLP):
+        args.loss = model.loss
     if regression and args.loss != "mse":
         raise UsageError(
             f"--dataset teacher_student is a regression task: use --loss mse, not {args.loss}"
-        )
-    model = MLP(sizes, args.activation, args.loss, args.output_activation)
+            if args.net_file is None else
+            f"--dataset teacher_student is a regression task, but --net {args.net_file} has "
+            f"loss {args.loss}: it needs mse"
+        )  # fmt: skip
+    if model is not None and not isinstance(model, MLP):
+        teacher = (math.prod(model.input_shape), model.output_size)
+    else:
+        teacher = args.sizes or _sizes(DEFAULT_SIZES["teacher_student"])
     if not resume:
         out = check_out(args.dataset, args.out, args.overwrite, root="runs")
-    ds = _load_dataset(args)
-    if ds.num_features != sizes[0] or ds.num_outputs != sizes[-1]:
-        raise UsageError(
-            f"--sizes {','.join(map(str, sizes))} does not fit dataset {args.dataset}: it has "
-            f"{ds.num_features} features and {ds.num_outputs} outputs, so sizes must start with "
-            f"{ds.num_features} and end with {ds.num_outputs}"
-        )
+    ds = _load_dataset(args, teacher)
+    if model is None:
+        model = _build_model(args, ds.num_features, ds.num_outputs)
+    ds = _shaped(model, ds, args)
+    net = not isinstance(model, MLP)
     if args.batch_size > len(ds.x_train):
         raise UsageError(
             f"--batch-size {args.batch_size} exceeds the {len(ds.x_train)} training examples"
@@ -341,7 +599,8 @@ def _run_training(args, argv, stop: _StopOnSignal) -> int:
     checkpoints = out / "checkpoints"
     metrics_path = out / "metrics.jsonl"
     settings = {k: getattr(args, k) for k in TRAIN_SETTINGS}
-    settings.update(sizes=list(sizes), loss=args.loss)
+    settings.update(sizes=list(args.sizes) if args.sizes else None, loss=args.loss)
+    settings.update(_net_settings(args, model))
     if args.data_dir:
         settings["data_dir"] = str(Path(args.data_dir).resolve())
     if resume:
@@ -373,9 +632,10 @@ def _run_training(args, argv, stop: _StopOnSignal) -> int:
     key = jax.random.key(args.seed)
     k_init, k_data = jax.random.split(key)
     params = init_params(k_init, model, args.init)
+    state = {"state": init_state(model)} if net else {}  # fit returns it beside the params
     try:
-        params, _, history = fit(
-            model, optimizer, params, ds.x_train, ds.y_train,
+        params, *state_out, _, history = fit(
+            model, optimizer, params, ds.x_train, ds.y_train, **state,
             key=k_data, epochs=args.epochs, batch_size=args.batch_size, grads=args.grads,
             l2=args.l2, compute_dtype=_compute_dtype(args.compute_dtype), x_test=ds.x_test,
             y_test=ds.y_test, on_nonfinite=args.on_nonfinite,
@@ -392,7 +652,7 @@ def _run_training(args, argv, stop: _StopOnSignal) -> int:
         )
         return 128 + signum
     _write_jsonl(metrics_path, history)
-    save_params(out / "params.npz", params, model)
+    save_params(out / "params.npz", params, model, *state_out)  # a net's state beside its params
     final = history[-1]
     if "test_accuracy" in final:
         print(
@@ -415,6 +675,37 @@ def _compute_dtype(name: str | None):
     return None if name in (None, "float32") else jnp.dtype(name)
 
 
+def _perturbed(key, net, scheme, dtype, scale: float = 0.5):
+    """``(params, state)`` for ``net`` away from the values at init that hide bugs: the init
+    scheme's draw with ``scale``·N(0, 1) added to every leaf that starts at a constant (biases,
+    γ, β, a learned α); running means ``scale``·N(0, 1), variances exp(``scale``·N(0, 1))."""
+    import jax
+    import jax.numpy as jnp
+
+    from fnbp.initializers import init_params
+    from fnbp.model import init_state
+
+    k_init, k_p, k_s = jax.random.split(key, 3)
+    state_dtype = jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+    def keyed(fn, tree, k):
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        ks = jax.random.split(k, max(len(leaves), 1))
+        return jax.tree_util.tree_unflatten(
+            treedef, [fn(path[-1].key, v, ki) for (path, v), ki in zip(leaves, ks, strict=False)]
+        )
+
+    def shift(name, v, k):  # W and P keep their draw
+        return v if name in ("W", "P") else v + scale * jax.random.normal(k, v.shape, v.dtype)
+
+    def stats(name, v, k):
+        n = scale * jax.random.normal(k, v.shape, state_dtype)
+        return jnp.exp(n) if name == "var" else n
+
+    params = keyed(shift, init_params(k_init, net, scheme, dtype=dtype), k_p)
+    return params, keyed(stats, init_state(net), k_s)
+
+
 def _check(args) -> int:
     import jax
     import jax.numpy as jnp
@@ -424,24 +715,42 @@ def _check(args) -> int:
     from fnbp.initializers import init_params
     from fnbp.model import MLP
 
+    _check_net_options(args)
+    if args.arch is None and args.net_file is None:
+        args.sizes = args.sizes or _sizes("784,16,16,10")
     args.loss = args.loss or "softmax_cross_entropy"
-    model = MLP(args.sizes, args.activation, args.loss, args.output_activation)
+    model = _build_model(args, *CHECK_SIZES.get(args.arch, (None, None)))
     dtype = {"float32": jnp.float32, "float64": np.float64, "bfloat16": jnp.bfloat16}[args.dtype]
+    mlp = isinstance(model, MLP)
     with jax.enable_x64(args.dtype == "float64"):
         k_p, k_x, k_y = jax.random.split(jax.random.key(args.seed), 3)
-        params = init_params(k_p, model, args.init, dtype=dtype)
-        x = jax.random.normal(k_x, (args.batch_size, model.sizes[0]), dtype)
-        n_out = model.sizes[-1]
-        if args.loss == "softmax_cross_entropy":
+        if mlp:
+            params, modes = init_params(k_p, model, args.init, dtype=dtype), {}
+        else:
+            params, state = _perturbed(k_p, model, args.init, dtype)
+            train = (args.mode or "train") == "train"
+            modes = {
+                "state": state if model.needs_state else None,
+                "train": train,
+                "key": jax.random.fold_in(k_p, 1) if train else None,  # dropout's masks
+            }
+        x = jax.random.normal(k_x, (args.batch_size, *model.input_shape), dtype)
+        n_out = model.output_size
+        if model.loss == "softmax_cross_entropy":
             y = jax.random.randint(k_y, (args.batch_size,), 0, n_out)
-        elif args.loss == "sigmoid_binary_cross_entropy":
+        elif model.loss == "sigmoid_binary_cross_entropy":
             y = jax.random.bernoulli(k_y, 0.5, (args.batch_size, n_out)).astype(dtype)
         else:
             y = jax.random.normal(k_y, (args.batch_size, n_out), dtype)
         report = crosscheck(
             params, model, x, y, l2=args.l2, finite_differences=not args.no_fd,
-            compute_dtype=_compute_dtype(args.compute_dtype),
+            compute_dtype=_compute_dtype(args.compute_dtype), **modes,
         )  # fmt: skip
+    if not mlp:
+        print(
+            "params perturbed from init (biases, γ, β and learned α + 0.5·N(0, 1); random "
+            "running statistics): b = 0, γ = 1, β = 0 hide some wrong rules"
+        )
     print(report)
     return 0 if report.passed else 1
 

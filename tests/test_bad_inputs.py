@@ -10,6 +10,7 @@ written, nothing overwritten.
 
 import contextlib
 import io
+import json
 import math
 from pathlib import Path
 
@@ -47,6 +48,26 @@ def _with(v, index, value):
     return v
 
 
+def _net_json(layers, input_shape=64) -> str:
+    return json.dumps({"kind": "net", "input_shape": input_shape, "layers": layers})
+
+
+DENSE10 = {"kind": "dense", "features": 10}
+NET_FILES = {  # --net files for the command-line rows
+    "net.json": fnbp.Net(64, [fnbp.layers.Dense(8, "relu"), fnbp.layers.Dense(10)]).to_json(),
+    "net-40-inputs.json": _net_json([DENSE10], 40),
+    "net-3-outputs.json": _net_json([{"kind": "dense", "features": 3}]),
+    "net-not-json.json": '{"kind": "net", "layers": [',
+    "net-unknown-kind.json": _net_json([DENSE10, {"kind": "attention", "heads": 2}]),
+    "net-unknown-field.json": _net_json([{"kind": "dense", "features": 8, "widht": 3}, DENSE10]),
+    "net-zero-features.json": _net_json([{"kind": "dense", "features": 0}, DENSE10]),
+    "net-bad-stride.json": _net_json(
+        [{"kind": "reshape", "shape": [8, 8, 1]},
+         {"kind": "conv", "features": 4, "kernel_size": [3, 3], "strides": 0},
+         {"kind": "flatten"}, DENSE10]),
+}  # fmt: skip
+
+
 @pytest.fixture
 def world(tmp_path, monkeypatch):
     """The folder every row runs in: an earlier run, a params file, MNIST folders."""
@@ -74,6 +95,8 @@ def world(tmp_path, monkeypatch):
     write_mnist(tmp_path / "mnist-missing-file")
     (tmp_path / "mnist-missing-file" / "t10k-images-idx3-ubyte").unlink()
     (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04" + bytes(60))
+    for name, text in NET_FILES.items():
+        (tmp_path / name).write_text(text)
     return tmp_path
 
 
@@ -271,6 +294,62 @@ CLI = [
     ("resume-with-options", ["train", "--resume", "old-run", "--lr", "0.1"], "drop --lr"),
     ("check-one-size", ["check", "--sizes", "64"], "sizes needs at least two entries"),
     ("check-unknown-dtype", ["check", "--dtype", "float16"], "argument --dtype: invalid choice"),
+    # nets: --net FILE.json, --arch presets
+    ("net-missing-file", ["train", *SMALL[2:], "--net", "nowhere.json"],
+     "--net nowhere.json: no such file"),
+    ("net-unreadable", ["train", *SMALL[2:], "--net", "old-run"],
+     "--net old-run: cannot read it (Is a directory)"),
+    ("net-not-json", ["train", *SMALL[2:], "--net", "net-not-json.json"],
+     "--net net-not-json.json: net spec is not valid JSON"),
+    ("net-unknown-kind", ["train", *SMALL[2:], "--net", "net-unknown-kind.json"],
+     "layer 2: unknown kind 'attention'; expected one of ['activation'"),
+    ("net-unknown-field", ["train", *SMALL[2:], "--net", "net-unknown-field.json"],
+     "layer 1 (dense): unknown field 'widht'; expected some of"),
+    ("net-zero-features", ["train", *SMALL[2:], "--net", "net-zero-features.json"],
+     "layer 1 (dense): features must be a positive int, got 0"),
+    ("net-bad-stride", ["train", *SMALL[2:], "--net", "net-bad-stride.json"],
+     "layer 2 (conv): strides must be a positive int"),
+    ("net-input-does-not-fit", ["train", *SMALL[2:], "--net", "net-40-inputs.json"],
+     "the net's input_shape (40,) takes 40 features per example, but dataset digits has "
+     "inputs of shape (1437, 64)"),
+    ("net-outputs-do-not-fit", ["train", *SMALL[2:], "--net", "net-3-outputs.json"],
+     "the net has 3 outputs, but dataset digits has 10 classes"),
+    ("net-regression-with-ce", ["train", *SMALL[2:], "--dataset", "teacher_student", "--net",
+                                "net.json"], "has loss softmax_cross_entropy: it needs mse"),
+    ("net-and-sizes", ["train", *SMALL, "--net", "net.json"],
+     "--net and --sizes both choose the net; give one of"),
+    ("net-and-arch", ["train", "--net", "net.json", "--arch", "cnn"],
+     "--net and --arch both choose the net"),
+    ("sizes-and-arch", ["train", *SMALL, "--arch", "resmlp"], "--sizes and --arch both choose"),
+    ("net-with-activation", ["train", "--net", "net.json", "--activation", "tanh", "--loss",
+                             "mse"], "sets its own activations, loss and dropout layers; drop "
+                                     "--activation, --loss"),
+    ("depth-without-arch", ["train", "--depth", "3"],
+     "--depth sets the blocks of --arch resmlp, but the net is an MLP (--sizes)"),
+    ("width-with-cnn", ["train", "--arch", "cnn", "--width", "8", "--norm", "batch"],
+     "--width sets the blocks of --arch resmlp, but the net is --arch cnn; drop --width, --norm"),
+    ("alpha-with-net", ["train", "--net", "net.json", "--alpha", "0.1"],
+     "but the net is --net net.json"),
+    ("unknown-arch", ["train", "--arch", "vgg"], "argument --arch: invalid choice: 'vgg'"),
+    ("unknown-norm", ["train", "--arch", "resmlp", "--norm", "group"],
+     "argument --norm: invalid choice: 'group'"),
+    ("depth-zero", ["train", "--arch", "resmlp", "--depth", "0"], "argument --depth: must be > 0"),
+    ("alpha-nan", ["train", "--arch", "resmlp", "--alpha", "nan"],
+     "argument --alpha: must be finite"),
+    ("dropout-one", ["train", "--dropout", "1"],
+     "argument --dropout: must be a drop probability in [0, 1), got 1"),
+    ("arch-squashed-logits", ["train", "--arch", "cnn", "--output-activation", "sigmoid"],
+     "--arch cnn on inputs of shape (64,): Net: loss='softmax_cross_entropy' applies its own "
+     "softmax/sigmoid to the logits, so layer 8 (dense) must have activation 'identity'"),
+    ("check-net-missing", ["check", "--net", "nowhere.json"], "--net nowhere.json: no such file"),
+    ("check-net-unknown-kind", ["check", "--net", "net-unknown-kind.json"],
+     "layer 2: unknown kind 'attention'"),
+    ("check-net-and-sizes", ["check", "--net", "net.json", "--sizes", "64,10"],
+     "--net and --sizes both choose the net"),
+    ("check-depth-without-arch", ["check", "--net", "net.json", "--depth", "2"],
+     "--depth sets the blocks of --arch resmlp"),
+    ("check-unknown-mode", ["check", "--arch", "resmlp", "--mode", "test"],
+     "argument --mode: invalid choice: 'test'"),
 ]  # fmt: skip
 
 
