@@ -1,30 +1,39 @@
 """Checkpoints: a whole training state in a file that never executes code on load.
 
 A :class:`Checkpoint` holds what a run needs to continue exactly where it stopped: the
-parameters, the optimizer state, the step and epoch counters, the run's PRNG key, the model
-spec, the run's settings and the loop's own bookkeeping (both JSON). :func:`fnbp.fit` writes
-them with ``checkpoint_dir=`` and continues from the newest with ``resume=True``; a run resumed
-that way ends with parameters bitwise identical (same device) to a run that was never stopped.
-:func:`save_checkpoint` and :func:`load_checkpoint` serve your own loops the same way.
+parameters, a net's state (BatchNorm running statistics), the optimizer state, the step and
+epoch counters, the run's PRNG key, the model spec, the run's settings and the loop's own
+bookkeeping (both JSON). :func:`fnbp.fit` writes them with ``checkpoint_dir=`` and continues
+from the newest with ``resume=True``; a run resumed that way ends with parameters and state
+bitwise identical (same device) to a run that was never stopped (dropout masks are a pure
+function of the key and the step). :func:`save_checkpoint` and :func:`load_checkpoint` serve
+your own loops the same way.
 
 The file is a plain ``.npz`` (a zip of ``.npy`` arrays, read with ``allow_pickle=False``):
 
 ==================  =======================================================================
 member              content
 ==================  =======================================================================
-``params/<l>/W``    each parameter leaf (layer ``l = 1..L``), in its own dtype
-``params/<l>/b``
+``params/<l>/W``    an MLP's parameter leaves (layer ``l = 1..L``), in their own dtype
+``params/<l>/b``    (format version 1, unchanged since the first fnbp)
+``params/<path>``   a net's parameter leaves under their tree path in ``params``
+                    (``params/0/W``, ``params/2/gamma``, ``params/4/branch/0/W``: list
+                    indices 0-based as in Python, so ``params/2/…`` is layer 3)
+``state/<path>``    a net's state leaves the same way (``state/2/mean``); format version 2
 ``opt_state/<i>``   the optimizer state's leaves, in ``jax.tree`` order
 ``key``             the PRNG key's raw ``uint32`` data (``jax.random.key_data``)
-``__meta__``        UTF-8 JSON: format, step, epoch, model spec, key implementation, settings,
-                    loop state, every array's dtype and shape, and their SHA-256
+``__meta__``        UTF-8 JSON: format, version, step, epoch, model spec (an MLP's four
+                    fields, or the net's JSON: :meth:`fnbp.Net.to_json`), key
+                    implementation, settings, loop state, every array's dtype and shape,
+                    and their SHA-256
 ==================  =======================================================================
 
 dtypes NumPy lacks (bfloat16) are stored bit for bit as unsigned integers of the same width.
 Writing is atomic (a temporary file in the same folder, fsync, rename, fsync of the folder), so
 a crash, ``kill -9`` or a full disk leaves the old file or the new one, never half of one.
 Loading checks the zip, the JSON, the checksum, and every array's shape and dtype against the
-model and optimizer you give, and raises ``ValueError`` naming the file and the problem.
+model and optimizer you give, and raises ``ValueError`` naming the file and the problem (for
+a net spec with an unknown layer kind, the layer too).
 
 In a checkpoint folder the files are named ``ckpt-<step>.npz``, the step zero-padded to nine
 digits; :func:`latest_checkpoint` finds the newest.
@@ -46,11 +55,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fnbp.io import _atomic_write_bytes, _model_from_spec, _model_spec
-from fnbp.model import MLP, Params, check_params
+from fnbp.io import (
+    _atomic_write_bytes,
+    _model_from_spec,
+    _model_spec,
+    _named_leaves,
+    _net_params,
+    _net_state,
+    _state_layer,
+)
+from fnbp.model import MLP, Params, check_mode, check_params, init_state
+from fnbp.net import Net
 
 FORMAT = "fnbp-checkpoint"
-VERSION = 1
+VERSION = 1  # an MLP's checkpoint: params/<l>/W and params/<l>/b
+NET_VERSION = 2  # a net's: params and state leaves by tree path
 _NAME = re.compile(r"ckpt-(\d{9})\.npz")
 
 
@@ -58,15 +77,18 @@ class Checkpoint(NamedTuple):
     """A training state.
 
     Attributes:
-        params: one ``{"W", "b"}`` dict per layer.
+        params: the model's params (for an MLP one ``{"W", "b"}`` dict per layer).
         opt_state: the optax state of those params.
         step: optimizer steps taken so far.
         epoch: epochs completed so far.
         key: the run's PRNG key (typed, ``jax.random.key``).
-        model: the :class:`fnbp.MLP` spec.
+        model: the :class:`fnbp.MLP` or :class:`fnbp.Net` spec.
         config: the run's settings, JSON-able (``None``: none).
         loop: the training loop's own state, JSON-able (``None``: none); for
             :func:`fnbp.fit`, the history so far and the partial sums of the epoch in progress.
+        state: a net's state (:func:`fnbp.init_state`'s structure), required for a net with
+            BatchNorm (``None`` stands for the empty state of a net without); ``None`` for an
+            MLP. :func:`load_checkpoint` always gives a net's state, an MLP's ``None``.
     """
 
     params: Params
@@ -74,9 +96,10 @@ class Checkpoint(NamedTuple):
     step: int
     epoch: int
     key: jax.Array
-    model: MLP
+    model: MLP | Net
     config: dict[str, Any] | None = None
     loop: dict[str, Any] | None = None
+    state: list | None = None
 
 
 def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
@@ -125,15 +148,40 @@ def _leaf_names(tree, prefix: str) -> list[str]:
     return [f"{prefix}/{i}" for i in range(len(jax.tree.leaves(tree)))]
 
 
+def _model_arrays(checkpoint: Checkpoint) -> dict:
+    """The params (and a net's state) of ``checkpoint`` under their member names, checked."""
+    model, params, state = checkpoint.model, checkpoint.params, checkpoint.state
+    check_params(params, model)
+    if isinstance(model, MLP):
+        if state is not None:
+            check_mode(model, state=state, train=False, key=None, what="checkpoint.state")
+        return {
+            f"params/{l}/{k}": np.asarray(p[k])
+            for l, p in enumerate(params, start=1)
+            for k in ("W", "b")
+        }
+    if state is None:
+        if _state_layer(model):
+            raise ValueError(
+                f"checkpoint.state is None, but the net's {_state_layer(model)} keeps running "
+                "statistics: pass Checkpoint(..., state=state) (the state training returns)"
+            )
+        state = init_state(model)
+    check_mode(model, state=state, train=False, key=None, what="checkpoint.state")
+    named = {**_named_leaves("params", params), **_named_leaves("state", state)}
+    return {name: np.asarray(v) for name, v in named.items()}
+
+
 def save_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint) -> Path:
     """Write ``checkpoint`` to ``path`` (an ``.npz`` file), atomically.
 
     Raises:
-        ValueError, TypeError: if the params do not fit the model, the key is not a single
-            typed PRNG key, or ``config``/``loop`` are not JSON-able; nothing is written then.
+        ValueError, TypeError: if the params (or a net's state) do not fit the model, the key
+            is not a single typed PRNG key, or ``config``/``loop`` are not JSON-able; nothing
+            is written then.
     """
     path = Path(path)
-    check_params(checkpoint.params, checkpoint.model)
+    arrays = _model_arrays(checkpoint)
     key = checkpoint.key
     if (
         not (hasattr(key, "dtype") and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key))
@@ -142,11 +190,6 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint) -> Path:
         raise TypeError(
             f"checkpoint.key must be a single typed PRNG key (jax.random.key(seed)), got {key!r}"
         )
-    arrays = {
-        f"params/{l}/{k}": np.asarray(p[k])
-        for l, p in enumerate(checkpoint.params, start=1)
-        for k in ("W", "b")
-    }
     leaves = jax.tree.leaves(checkpoint.opt_state)
     arrays.update(
         {n: np.asarray(v) for n, v in zip(_leaf_names(leaves, "opt_state"), leaves, strict=True)}
@@ -155,7 +198,7 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint) -> Path:
     stored = {name: _storable(v) for name, v in arrays.items()}
     meta = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": VERSION if isinstance(checkpoint.model, MLP) else NET_VERSION,
         "step": int(checkpoint.step),
         "epoch": int(checkpoint.epoch),
         "model": _model_spec(checkpoint.model),
@@ -191,9 +234,10 @@ def _read(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     except (OSError, EOFError, zipfile.BadZipFile, KeyError, ValueError, TypeError) as e:
         raise ValueError(f"{path}: not a readable fnbp checkpoint ({e}); it is truncated or "
                          "corrupt") from None  # fmt: skip
-    if meta.get("version") != VERSION:
+    if meta.get("version") not in (VERSION, NET_VERSION):
         raise ValueError(
-            f"{path}: checkpoint format version {meta.get('version')!r}, this fnbp reads {VERSION}"
+            f"{path}: checkpoint format version {meta.get('version')!r}, this fnbp reads "
+            f"{VERSION} and {NET_VERSION}"
         )
     if _digest(stored) != meta.get("sha256"):
         raise ValueError(f"{path}: checksum mismatch: the checkpoint is corrupt")
@@ -212,7 +256,9 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, optimizer: optax.GradientTransformation, model: MLP | None = None
+    path: str | os.PathLike,
+    optimizer: optax.GradientTransformation,
+    model: MLP | Net | None = None,
 ) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
@@ -223,12 +269,13 @@ def load_checkpoint(
         model: when given, the stored model spec must equal it.
 
     Returns:
-        The :class:`Checkpoint`, arrays as ``jax.Array``.
+        The :class:`Checkpoint`, arrays as ``jax.Array``; for a net with its ``state``.
 
     Raises:
         FileNotFoundError: if there is no such file.
         ValueError: naming the file and the problem, if it is truncated, corrupt, of another
-            model, or of another optimizer's state.
+            model (or a net spec this fnbp cannot build: an unknown layer kind or field,
+            naming the layer), or of another optimizer's state.
     """
     path = Path(path)
     meta, arrays = _read(path)
@@ -241,11 +288,7 @@ def load_checkpoint(
             f"{path}: the checkpoint is of another model: it holds {stored_model}, expected {model}"
         )
     model = stored_model
-    params = [
-        {k: jnp.asarray(arrays[f"params/{l}/{k}"]) for k in ("W", "b")}
-        for l in range(1, model.num_layers + 1)
-    ]
-    check_params(params, model, name=f"{path}: params")
+    params, state = _model_from_arrays(arrays, model, path)
     like = jax.eval_shape(optimizer.init, params)
     like_leaves, treedef = jax.tree.flatten(like)
     names = _leaf_names(like_leaves, "opt_state")
@@ -277,7 +320,28 @@ def load_checkpoint(
         model=model,
         config=meta.get("config") or None,
         loop=meta.get("loop") or None,
+        state=state,
     )
+
+
+def _model_from_arrays(arrays: dict, model, path: Path) -> tuple[Params, list | None]:
+    """``(params, state)`` of ``model`` from a checkpoint's arrays (state ``None`` for an
+    MLP), checked against the model."""
+    if isinstance(model, MLP):
+        try:
+            params = [
+                {k: arrays[f"params/{l}/{k}"] for k in ("W", "b")}
+                for l in range(1, model.num_layers + 1)
+            ]
+        except KeyError as e:
+            raise ValueError(f"{path}: the checkpoint has no array {e}") from None
+        state = None
+    else:
+        params = _net_params(arrays, model, path)
+        state = jax.tree.map(jnp.asarray, _net_state(arrays, model, path))
+    params = jax.tree.map(jnp.asarray, params)
+    check_params(params, model, name=f"{path}: params")
+    return params, state
 
 
 def prune_checkpoints(directory: str | os.PathLike, keep: int) -> None:

@@ -23,6 +23,7 @@ stops cleanly when asked (:class:`Interrupted`), and splits each batch over seve
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -52,7 +53,9 @@ from fnbp.model import (
     check_model,
     check_params,
     draw_batch_masks,
+    init_state,
 )
+from fnbp.model import loss as model_loss
 
 Array = jax.Array
 GRADS = ("manual", "autodiff")
@@ -451,17 +454,24 @@ class NonFiniteError(FloatingPointError):
         layers: every such layer at that step.
         loss: that step's loss.
         checkpoint: the last checkpoint written (all finite), or ``None``.
+
+    The message names each layer by number, and for a :class:`fnbp.Net` by kind too
+    (``layer 3 (conv)``), from ``kinds``: the kind of every layer, in order.
     """
 
-    def __init__(self, step, epoch, what, layers, loss, checkpoint, checkpointing=True):
+    def __init__(self, step, epoch, what, layers, loss, checkpoint, checkpointing=True,
+                 kinds=None):  # fmt: skip
         self.step, self.epoch, self.what, self.layers, self.loss = step, epoch, what, layers, loss
         self.layer = layers[0] if layers else None
         self.checkpoint = checkpoint
-        listed = f"(non-finite in layers {', '.join(map(str, layers))} of the model), loss {loss:g}"
+        name = (lambda l: str(l)) if kinds is None else (lambda l: f"{l} ({kinds[l - 1]})")
+        listed = (
+            f"(non-finite in layers {', '.join(map(name, layers))} of the model), loss {loss:g}"
+        )
         if what == "gradient":
-            what = f"the gradient of layer {self.layer} is non-finite {listed}"
+            what = f"the gradient of layer {name(self.layer)} is non-finite {listed}"
         elif what == "params":
-            what = f"the update made the params of layer {self.layer} non-finite {listed}"
+            what = f"the update made the params of layer {name(self.layer)} non-finite {listed}"
         else:
             what = f"the loss is {loss:g} (gradients and params finite)"
         if checkpoint:
@@ -497,60 +507,12 @@ ON_NONFINITE = ("stop", "skip")
 
 
 # ----------------------------------------------------------------------------------------------
-# fit
-
-
-class _Progress(NamedTuple):
-    """Where a run stands after a whole number of chunks; assigned in one statement, so an
-    interrupt never sees half of it."""
-
-    params: Params
-    opt_state: optax.OptState
-    step: int  # optimizer steps taken
-    history: list  # one record per completed epoch
-    partial: dict  # sums over the steps of the epoch in progress
-    seconds: float  # training time before this process started (resumed runs)
-
-
-def _empty_partial(num_layers: int) -> dict:
-    return {"steps": 0, "loss_sum": 0.0, "grad_norm_sums": [0.0] * num_layers, "skipped": 0}
-
-
-def _add_chunk(partial: dict, metrics: dict) -> dict:
-    """The epoch's running sums after one more chunk (float64, host, in step order), over the
-    steps that were not skipped."""
-    taken = ~metrics["skipped"] if "skipped" in metrics else np.ones(len(metrics["loss"]), bool)
-    return {
-        "steps": partial["steps"] + int(np.sum(taken)),
-        "loss_sum": partial["loss_sum"] + float(np.sum(metrics["loss"][taken], dtype=np.float64)),
-        "grad_norm_sums": [
-            s + float(v)
-            for s, v in zip(
-                partial["grad_norm_sums"],
-                np.sum(metrics["grad_norms"][taken], 0, dtype=np.float64),
-                strict=True,
-            )
-        ],
-        "skipped": partial["skipped"] + int(np.sum(~taken)),
-    }
-
-
-def _first_nonfinite(metrics: dict) -> tuple[int, str, list[int]] | None:
-    """``(index in chunk, what, layers)`` of the first step whose loss, gradient or updated
-    params are non-finite (``what``: ``"gradient"``, ``"params"`` or ``"loss"``), or ``None``."""
-    grads, params = metrics["grads_finite"], metrics["params_finite"]
-    ok = np.isfinite(metrics["loss"]) & grads.all(axis=1) & params.all(axis=1)
-    if ok.all():
-        return None
-    j = int(np.argmin(ok))
-    for what, flags in (("gradient", grads[j]), ("params", params[j])):
-        if not flags.all():
-            return j, what, [int(l) + 1 for l in np.flatnonzero(~flags)]
-    return j, "loss", []
+# fit: the public loop, then its pieces (settings and data, checkpoints, one chunk, the guard,
+# evaluation, the epoch records).
 
 
 def fit(
-    model: MLP,
+    model,
     optimizer: optax.GradientTransformation,
     params: Params,
     x_train,
@@ -559,6 +521,7 @@ def fit(
     key: Array,
     epochs: int,
     batch_size: int,
+    state: list | None = None,
     grads: str = "manual",
     l2=0.0,
     compute_dtype=None,
@@ -574,38 +537,45 @@ def fit(
     should_stop: Callable[[], bool] | None = None,
     progress: bool = True,
     on_epoch: Callable[[dict], None] | None = None,
-) -> tuple[Params, optax.OptState, list[dict]]:
+) -> tuple:
     """Train for ``epochs`` epochs of jitted, scan-fused steps, evaluating after each one.
 
     Each epoch shuffles with ``fold_in(key, epoch)`` and runs in chunks: one ``lax.scan`` over
     the steps up to the next multiple of ``checkpoint_every`` within the epoch, or to the
     epoch's end (the whole epoch when ``checkpoint_every`` is ``None``). Between chunks, and
     only there, the host reads the chunk's metrics (one transfer per chunk), checks them, saves
-    a checkpoint and asks ``should_stop``.
+    a checkpoint and asks ``should_stop``. Step ``s`` of an epoch draws its dropout masks from
+    ``fold_in(fold_in(fold_in(key, epoch), 1), s)``: a pure function of the key, the epoch and
+    the step, so a resumed run draws the masks the uninterrupted one drew.
 
     Arguments:
-        model, optimizer, params: the spec, any optax transformation, the initial params.
-        x_train, y_train: the training set; ``len(x) mod batch_size`` examples, a different
-            few each epoch, sit out each epoch.
-        key: the PRNG key the epoch shuffles are drawn from.
+        model, optimizer, params: the spec (an :class:`fnbp.MLP` or :class:`fnbp.Net`), any
+            optax transformation, the initial params.
+        x_train, y_train: the training set, ``x`` of shape ``(N, *input_shape)``;
+            ``N mod batch_size`` examples, a different few each epoch, sit out each epoch.
+        key: the PRNG key the epoch shuffles (and a net's dropout masks) are drawn from.
         epochs, batch_size, grads, l2, compute_dtype: as in :func:`make_train_epoch`.
-        x_test, y_test: evaluated after every epoch when given.
+        state: a net's initial state (BatchNorm running statistics); ``None`` starts from
+            :func:`fnbp.init_state`. An MLP keeps none: leave it ``None``.
+        x_test, y_test: evaluated after every epoch when given, in eval mode (a net's
+            running statistics, no dropout).
         on_nonfinite: ``"stop"``: a step whose loss, any gradient entry or any updated
             parameter is non-finite ends the run with :class:`NonFiniteError` (naming the step
             and layer; the last checkpoint, all finite, is kept). ``"skip"``: such steps leave
-            params and optimizer state unchanged and are counted in ``skipped_steps``
+            params, state and optimizer state unchanged and are counted in ``skipped_steps``
             (``train_loss`` and ``grad_norms`` average the others).
         checkpoint_dir: save a :class:`fnbp.checkpoint.Checkpoint` after every chunk, as
             ``ckpt-<step>.npz``, keeping the newest ``keep_checkpoints``.
         checkpoint_every: chunk length in steps (see above); ``None``: one chunk per epoch.
         resume: continue from the newest checkpoint in ``checkpoint_dir`` (if there is none,
             start afresh). The run must have the same settings; it then ends with the same
-            params, bit for bit, as a run never stopped. Without ``resume``, a
+            params and state, bit for bit, as a run never stopped. Without ``resume``, a
             ``checkpoint_dir`` that already holds checkpoints is refused.
         config: JSON-able settings stored in every checkpoint (the CLI stores its arguments).
-        mesh: a :func:`data_mesh`: params and data are replicated over its devices and each
-            batch is split over its ``"data"`` axis (``batch_size`` must be divisible by its
-            size); gradients are all-reduced by XLA.
+        mesh: a :func:`data_mesh`: params, state and data are replicated over its devices and
+            each batch is split over its ``"data"`` axis (``batch_size`` must be divisible by
+            its size); gradients are all-reduced by XLA, BatchNorm statistics are those of the
+            global batch.
         should_stop: asked after every chunk; when it returns true the state is checkpointed
             and :class:`Interrupted` raised. A ``KeyboardInterrupt`` does the same with the
             state after the last completed chunk.
@@ -613,11 +583,12 @@ def fit(
         on_epoch: called with each epoch's record.
 
     Returns:
-        ``(params, opt_state, history)``; ``history[e]`` is a dict with ``epoch``, ``step``
-        (steps taken at its end), ``train_loss`` (mean over the epoch's steps), ``grad_norms``
-        (their mean, per layer), ``seconds`` (training time so far), with ``skipped_steps``
-        under ``on_nonfinite="skip"`` and, with test data, ``test_loss`` and (for classifiers)
-        ``test_accuracy``.
+        For an MLP ``(params, opt_state, history)``, for a Net ``(params, state, opt_state,
+        history)``; ``history[e]`` is a dict with ``epoch``, ``step`` (steps taken at its end),
+        ``train_loss`` (mean over the epoch's steps), ``grad_norms`` (their mean, one per layer
+        with weights: :func:`weight_layers`), ``seconds`` (training time so far), with
+        ``skipped_steps`` under ``on_nonfinite="skip"`` and, with test data, ``test_loss``
+        and (for classifiers) ``test_accuracy``.
 
     Raises:
         NonFiniteError: see ``on_nonfinite``.
@@ -628,8 +599,141 @@ def fit(
     """
     from tqdm.auto import tqdm
 
-    from fnbp.model import loss as loss_fn
+    compute_dtype = _check_fit(
+        model, optimizer, grads, l2, compute_dtype, epochs, batch_size, on_nonfinite,
+        checkpoint_every, keep_checkpoints, mesh,
+    )  # fmt: skip
+    state = _initial_state(model, state, key)
+    (x_train, y_train), test = _fit_data(model, params, x_train, y_train, x_test, y_test)
+    schedule = _schedule(epochs, batch_size, checkpoint_every, len(x_train))
+    settings = {  # a resumed run must agree on all of these to continue bit for bit
+        "batch_size": batch_size, "steps_per_epoch": schedule.steps_per_epoch,
+        "chunk": schedule.every, "grads": grads, "l2": float(l2), "on_nonfinite": on_nonfinite,
+        "compute_dtype": None if compute_dtype is None else jnp.dtype(compute_dtype).name,
+        "n_train": len(x_train), "devices": 1 if mesh is None else mesh.size,
+    }  # fmt: skip
+    folder, found = _open_folder(checkpoint_dir, resume)
+    at = _resume(found, optimizer, model, params, key, settings) if found else _Progress(
+        params, state, optimizer.init(params), 0, [], _empty_partial(len(weight_layers(model))), 0.0
+    )  # fmt: skip
+    saver = _Saver(folder, keep_checkpoints, model, key, config, settings, found[-1:])
+    at, x_train, y_train, batch_sharding = _on_mesh(mesh, at, x_train, y_train)
+    run = jax.jit(
+        _steps_fn(model, optimizer, batch_size, grads, l2, compute_dtype, batch_sharding,
+                  on_nonfinite == "skip"),
+        static_argnums=7,
+    )  # fmt: skip
+    chunk = functools.partial(_chunk, run, model, key, x_train, y_train, on_nonfinite, saver)
+    evaluate = functools.partial(_evaluate, model, *test, l2, compute_dtype)
+    bar = tqdm(total=epochs, initial=at.step // schedule.steps_per_epoch, desc="train",
+               unit="epoch", disable=not progress)  # fmt: skip
+    try:
+        at = _loop(at, schedule, chunk, evaluate, saver, on_nonfinite, should_stop,
+                   functools.partial(_show, bar, on_epoch))  # fmt: skip
+    finally:
+        bar.close()
+    if isinstance(model, MLP):
+        return at.params, at.opt_state, at.history
+    return at.params, at.state, at.opt_state, at.history
 
+
+class _Progress(NamedTuple):
+    """Where a run stands after a whole number of chunks; assigned in one statement, so an
+    interrupt never sees half of it."""
+
+    params: Params
+    state: list | None  # the model state (BatchNorm running statistics); None for an MLP
+    opt_state: optax.OptState
+    step: int  # optimizer steps taken
+    history: list  # one record per completed epoch
+    partial: dict  # sums over the steps of the epoch in progress
+    seconds: float  # training time before this process started (resumed runs)
+
+
+class _Schedule(NamedTuple):
+    """``epochs`` epochs of ``steps_per_epoch`` steps, run in chunks of at most ``every``
+    steps that never cross an epoch's end."""
+
+    epochs: int
+    steps_per_epoch: int
+    every: int
+
+    def chunks(self, step: int):
+        """``(epoch, pos, length)`` of each chunk left after ``step`` steps: the chunk runs
+        steps ``pos … pos+length−1`` of the 1-based ``epoch``."""
+        per_epoch = self.steps_per_epoch
+        for epoch in range(step // per_epoch + 1, self.epochs + 1):
+            pos = step - (epoch - 1) * per_epoch  # ≠ 0 only when resumed mid-epoch
+            while pos < per_epoch:
+                length = min(self.every - pos % self.every, per_epoch - pos)
+                yield epoch, pos, length
+                pos += length
+            step = epoch * per_epoch
+
+
+def _loop(at, schedule, chunk, evaluate, saver, on_nonfinite, should_stop, show) -> _Progress:
+    """Run the chunks left after ``at``, checkpointing after each; the :class:`_Progress` at
+    the end.
+
+    ``chunk(at, epoch, pos, length)`` runs one (guarded) chunk, ``evaluate(params, state)``
+    gives an epoch's test metrics, ``show(record)`` reports a finished epoch.
+    """
+    start = time.perf_counter()
+    clock = lambda: at.seconds + time.perf_counter() - start  # noqa: E731 (seconds never changes)
+    per_epoch = schedule.steps_per_epoch
+    try:
+        for epoch, pos, length in schedule.chunks(at.step):
+            params, state, opt_state, metrics = chunk(at, epoch, pos, length)
+            partial, history = _add_chunk(at.partial, metrics), at.history
+            done = pos + length == per_epoch  # the chunk ends its epoch
+            if done:
+                record = _epoch_record(epoch, at.step + length, partial, on_nonfinite, clock())
+                history = [*history, {**record, **evaluate(params, state)}]
+                partial = _empty_partial(len(partial["grad_norm_sums"]))
+            at = at._replace(
+                params=params, state=state, opt_state=opt_state, step=at.step + length,
+                history=history, partial=partial,
+            )  # fmt: skip
+            saver.save(at, clock())
+            if done:
+                show(history[-1])
+            if should_stop is not None and should_stop():
+                raise Interrupted(at.step, at.step // per_epoch, saver.last)
+    except KeyboardInterrupt as e:
+        if isinstance(e, Interrupted):
+            raise
+        raise Interrupted(at.step, at.step // per_epoch, saver.save(at, clock())) from None
+    return at
+
+
+def _chunk(run, model, key, x, y, on_nonfinite, saver, at: _Progress, epoch, pos, length):
+    """Steps ``pos … pos+length−1`` of ``epoch`` from ``at``: ``(params, state, opt_state,
+    metrics)``, the metrics on the host (the chunk's one sync), checked by the guard."""
+    params, state, opt_state, metrics = run(
+        at.params, at.state, at.opt_state, jax.random.fold_in(key, epoch), x, y, pos, length
+    )
+    metrics = jax.device_get(metrics)
+    if on_nonfinite == "stop":
+        _guard(metrics, model, at.step, epoch, saver)
+    return params, state, opt_state, metrics
+
+
+def _show(bar, on_epoch, record: dict) -> None:
+    """Report a finished epoch: the progress bar, then ``on_epoch``."""
+    bar.update(1)
+    bar.set_postfix(
+        {k: f"{v:.4f}" for k, v in record.items() if k in ("train_loss", "test_accuracy")}
+    )
+    if on_epoch is not None:
+        on_epoch(record)
+
+
+# Settings and data.
+
+
+def _check_fit(model, optimizer, grads, l2, compute_dtype, epochs, batch_size, on_nonfinite,
+               checkpoint_every, keep_checkpoints, mesh):  # fmt: skip
+    """Raise for a bad setting of :func:`fit`; returns the checked ``compute_dtype``."""
     _check_batch_size(epochs, "epochs")
     _check_config(model, optimizer, grads, l2)
     _check_batch_size(batch_size)
@@ -643,6 +747,23 @@ def fit(
         raise ValueError(
             f"batch_size {batch_size} must be divisible by the {mesh.size} devices of the mesh"
         )
+    return compute_dtype
+
+
+def _initial_state(model, state, key):
+    """The model state training starts from: ``None`` for an MLP, for a net ``state`` (checked)
+    or :func:`fnbp.init_state`."""
+    if isinstance(model, MLP):
+        check_mode(model, state=state, train=True, key=None, what="fit")  # refuses a state
+        return None
+    state = init_state(model) if state is None else state
+    check_mode(model, state=state, train=True, key=key, what="fit")
+    return state
+
+
+def _fit_data(model, params, x_train, y_train, x_test, y_test):
+    """``((x_train, y_train), (x_test, y_test))`` as arrays, checked against the model (the
+    test pair ``(None, None)`` when not given)."""
     x_train, y_train = jnp.asarray(x_train), jnp.asarray(y_train)
     check_params(params, model)
     check_inputs(model, x_train, y_train)
@@ -651,136 +772,7 @@ def fit(
         x_test, y_test = jnp.asarray(x_test), jnp.asarray(y_test)
         check_inputs(model, x_test, y_test)
         _check_data("x_test", x_test, "y_test", y_test)
-    steps_per_epoch = len(x_train) // batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch_size {batch_size} exceeds the {len(x_train)} training examples")
-    every = min(checkpoint_every or steps_per_epoch, steps_per_epoch)
-    settings = {  # a resumed run must agree on all of these to continue bit for bit
-        "batch_size": batch_size, "steps_per_epoch": steps_per_epoch, "chunk": every,
-        "grads": grads, "l2": float(l2), "on_nonfinite": on_nonfinite,
-        "compute_dtype": None if compute_dtype is None else jnp.dtype(compute_dtype).name,
-        "n_train": len(x_train), "devices": 1 if mesh is None else mesh.size,
-    }  # fmt: skip
-
-    state = _Progress(params, optimizer.init(params), 0, [], _empty_partial(model.num_layers), 0.0)
-    last_saved = None
-    if checkpoint_dir is not None:
-        checkpoint_dir = Path(checkpoint_dir)
-        found = ckpt.list_checkpoints(checkpoint_dir)
-        if found and not resume:
-            raise ValueError(
-                f"checkpoint_dir {checkpoint_dir} already holds checkpoints (newest "
-                f"{found[-1].name}); pass resume=True to continue that run, or use an empty folder"
-            )
-        if found:
-            state = _resume(found, optimizer, model, params, key, settings)
-            last_saved = found[-1]
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        for stale in checkpoint_dir.glob(".ckpt-*.tmp-*"):  # left by a kill -9 mid-write
-            stale.unlink(missing_ok=True)
-    elif resume:
-        raise ValueError("resume=True needs the checkpoint_dir to resume from")
-
-    batch_sharding = None
-    if mesh is not None:
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-        state = state._replace(
-            params=jax.device_put(state.params, replicated),
-            opt_state=jax.device_put(state.opt_state, replicated),
-        )
-        x_train, y_train = jax.device_put((x_train, y_train), replicated)
-    run = jax.jit(
-        _steps_fn(
-            model,
-            optimizer,
-            batch_size,
-            grads,
-            l2,
-            compute_dtype,
-            batch_sharding,
-            on_nonfinite == "skip",
-        ),  # fmt: skip
-        static_argnums=7,
-    )
-
-    def save(state: _Progress) -> Path | None:
-        if checkpoint_dir is None:
-            return last_saved
-        path = ckpt.checkpoint_path(checkpoint_dir, state.step)
-        if path != last_saved:
-            loop = {"settings": settings, "history": state.history, "partial": state.partial,
-                    "seconds": state.seconds + time.perf_counter() - start}  # fmt: skip
-            ckpt.save_checkpoint(
-                path,
-                ckpt.Checkpoint(state.params, state.opt_state, state.step,
-                                state.step // steps_per_epoch, key, model, config, loop),
-            )  # fmt: skip
-            ckpt.prune_checkpoints(checkpoint_dir, keep_checkpoints)
-        return path
-
-    start = time.perf_counter()
-    first_epoch = state.step // steps_per_epoch + 1
-    bar = tqdm(
-        total=epochs, initial=first_epoch - 1, desc="train", unit="epoch", disable=not progress
-    )
-    try:
-        for epoch in range(first_epoch, epochs + 1):
-            epoch_key = jax.random.fold_in(key, epoch)
-            pos = state.step - (epoch - 1) * steps_per_epoch  # ≠ 0 only when resumed mid-epoch
-            while pos < steps_per_epoch:
-                length = min(every - pos % every, steps_per_epoch - pos)
-                params, _, opt_state, metrics = run(
-                    state.params, None, state.opt_state, epoch_key, x_train, y_train, pos, length
-                )
-                metrics = jax.device_get(metrics)  # the one host sync of the chunk
-                bad = _first_nonfinite(metrics) if on_nonfinite == "stop" else None
-                if bad is not None:
-                    j, what, layers = bad
-                    raise NonFiniteError(
-                        state.step + j + 1, epoch, what, layers, float(metrics["loss"][j]),
-                        last_saved, checkpoint_dir is not None,
-                    )  # fmt: skip
-                partial = _add_chunk(state.partial, metrics)
-                pos += length
-                history = state.history
-                if pos == steps_per_epoch:
-                    record = _epoch_record(
-                        epoch, state.step + length, partial, on_nonfinite,
-                        state.seconds + time.perf_counter() - start,
-                    )  # fmt: skip
-                    if x_test is not None:
-                        record["test_loss"] = float(
-                            loss_fn(
-                                params, model, x_test, y_test, l2=l2, compute_dtype=compute_dtype
-                            )
-                        )
-                        if _is_classification(model, y_test):
-                            record["test_accuracy"] = float(accuracy(params, model, x_test, y_test))
-                    history = [*history, record]
-                    partial = _empty_partial(model.num_layers)
-                state = state._replace(
-                    params=params, opt_state=opt_state, step=state.step + length,
-                    history=history, partial=partial,
-                )  # fmt: skip
-                last_saved = save(state)
-                if pos == steps_per_epoch:
-                    bar.update(1)
-                    bar.set_postfix(
-                        {k: f"{v:.4f}" for k, v in history[-1].items()
-                         if k in ("train_loss", "test_accuracy")}
-                    )  # fmt: skip
-                    if on_epoch is not None:
-                        on_epoch(history[-1])
-                if should_stop is not None and should_stop():
-                    raise Interrupted(state.step, state.step // steps_per_epoch, last_saved)
-    except KeyboardInterrupt as e:
-        if isinstance(e, Interrupted):
-            raise
-        raise Interrupted(state.step, state.step // steps_per_epoch, save(state)) from None
-    finally:
-        bar.close()
-    return state.params, state.opt_state, state.history
+    return (x_train, y_train), (x_test, y_test)
 
 
 def _check_data(x_name: str, x: Array, y_name: str, y: Array) -> None:
@@ -797,23 +789,83 @@ def _check_data(x_name: str, x: Array, y_name: str, y: Array) -> None:
             )
 
 
-def _epoch_record(epoch, step, partial, on_nonfinite, seconds) -> dict:
-    n = partial["steps"] or math.nan  # every step skipped: nothing to average
-    record = {
-        "epoch": epoch,
-        "step": step,
-        "train_loss": partial["loss_sum"] / n,
-        "grad_norms": [s / n for s in partial["grad_norm_sums"]],
-        "seconds": round(seconds, 3),
-    }
-    if on_nonfinite == "skip":
-        record["skipped_steps"] = partial["skipped"]
-    return record
+def _schedule(epochs, batch_size, checkpoint_every, n_train) -> _Schedule:
+    steps_per_epoch = n_train // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {batch_size} exceeds the {n_train} training examples")
+    return _Schedule(epochs, steps_per_epoch, min(checkpoint_every or steps_per_epoch,
+                                                  steps_per_epoch))  # fmt: skip
+
+
+def _on_mesh(mesh, at: _Progress, x, y):
+    """``(at, x, y, batch_sharding)``: without a mesh as given (sharding ``None``); with one,
+    params, state, optimizer state and data replicated over its devices, and the sharding
+    that splits a batch over its ``"data"`` axis."""
+    if mesh is None:
+        return at, x, y, None
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    at = at._replace(
+        params=jax.device_put(at.params, replicated),
+        state=jax.device_put(at.state, replicated),
+        opt_state=jax.device_put(at.opt_state, replicated),
+    )
+    x, y = jax.device_put((x, y), replicated)
+    return at, x, y, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+
+# Checkpoints.
+
+
+def _open_folder(checkpoint_dir, resume) -> tuple[Path | None, list[Path]]:
+    """The checkpoint folder (made, and cleared of the temporary files a kill -9 mid-write
+    leaves) and the checkpoints already in it, oldest first."""
+    if checkpoint_dir is None:
+        if resume:
+            raise ValueError("resume=True needs the checkpoint_dir to resume from")
+        return None, []
+    folder = Path(checkpoint_dir)
+    found = ckpt.list_checkpoints(folder)
+    if found and not resume:
+        raise ValueError(
+            f"checkpoint_dir {folder} already holds checkpoints (newest {found[-1].name}); "
+            "pass resume=True to continue that run, or use an empty folder"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".ckpt-*.tmp-*"):
+        stale.unlink(missing_ok=True)
+    return folder, found
+
+
+class _Saver:
+    """Writes fit's checkpoints into ``folder`` (nothing when it is ``None``), keeping the
+    newest ``keep``; ``last`` is the newest written (or found on resume)."""
+
+    def __init__(self, folder, keep, model, key, config, settings, found):
+        self.folder, self.keep, self.model, self.key = folder, keep, model, key
+        self.config, self.settings = config, settings
+        self.last = found[-1] if found else None
+
+    def save(self, at: _Progress, seconds: float) -> Path | None:
+        """Checkpoint ``at`` (unless it is the newest already); returns the newest file."""
+        if self.folder is None:
+            return self.last
+        path = ckpt.checkpoint_path(self.folder, at.step)
+        if path != self.last:
+            loop = {"settings": self.settings, "history": at.history, "partial": at.partial,
+                    "seconds": seconds}  # fmt: skip
+            epoch = at.step // self.settings["steps_per_epoch"]
+            ckpt.save_checkpoint(
+                path,
+                ckpt.Checkpoint(at.params, at.opt_state, at.step, epoch, self.key, self.model,
+                                self.config, loop, at.state),
+            )  # fmt: skip
+            ckpt.prune_checkpoints(self.folder, self.keep)
+            self.last = path
+        return path
 
 
 def _resume(found: list[Path], optimizer, model, params, key, settings) -> _Progress:
     """The :class:`_Progress` stored in the newest checkpoint of ``found``."""
-
     path = found[-1]
     try:
         c = ckpt.load_checkpoint(path, optimizer, model)
@@ -836,6 +888,91 @@ def _resume(found: list[Path], optimizer, model, params, key, settings) -> _Prog
             raise ValueError(
                 f"{path}: params of dtype {leaf.dtype}, but this run's are {want.dtype}"
             )
+    state = None if isinstance(model, MLP) else c.state
     return _Progress(
-        c.params, c.opt_state, c.step, loop["history"], loop["partial"], loop["seconds"]
+        c.params, state, c.opt_state, c.step, loop["history"], loop["partial"], loop["seconds"]
     )
+
+
+# The guard.
+
+
+def _guard(metrics: dict, model, step: int, epoch: int, saver: _Saver) -> None:
+    """Raise :class:`NonFiniteError` for the first non-finite step of a chunk that began after
+    ``step`` steps, if any."""
+    bad = _first_nonfinite(metrics, param_layers(model))
+    if bad is not None:
+        j, what, layers = bad
+        kinds = None if isinstance(model, MLP) else [layer.kind for layer in model.layers]
+        raise NonFiniteError(
+            step + j + 1, epoch, what, layers, float(metrics["loss"][j]), saver.last,
+            saver.folder is not None, kinds,
+        )  # fmt: skip
+
+
+def _first_nonfinite(metrics: dict, with_params: list[int]) -> tuple[int, str, list[int]] | None:
+    """``(index in chunk, what, layers)`` of the first step whose loss, gradient or updated
+    params are non-finite (``what``: ``"gradient"``, ``"params"`` or ``"loss"``; ``layers``
+    1-based, the flags' entry ``k`` being about layer ``with_params[k] + 1``), or ``None``."""
+    grads, params = metrics["grads_finite"], metrics["params_finite"]
+    ok = np.isfinite(metrics["loss"]) & grads.all(axis=1) & params.all(axis=1)
+    if ok.all():
+        return None
+    j = int(np.argmin(ok))
+    for what, flags in (("gradient", grads[j]), ("params", params[j])):
+        if not flags.all():
+            return j, what, [with_params[int(k)] + 1 for k in np.flatnonzero(~flags)]
+    return j, "loss", []
+
+
+# Evaluation and the epoch records.
+
+
+def _evaluate(model, x_test, y_test, l2, compute_dtype, params, state) -> dict:
+    """``test_loss`` (and, for classifiers, ``test_accuracy``) in eval mode; ``{}`` without
+    test data."""
+    if x_test is None:
+        return {}
+    out = {"test_loss": float(model_loss(params, model, x_test, y_test, l2=l2,
+                                   compute_dtype=compute_dtype, state=state, train=False))}  # fmt: skip
+    if _is_classification(model, y_test):
+        out["test_accuracy"] = float(accuracy(params, model, x_test, y_test, state=state))
+    return out
+
+
+def _empty_partial(n: int) -> dict:
+    """The sums of an epoch before its first step, over ``n`` weight layers."""
+    return {"steps": 0, "loss_sum": 0.0, "grad_norm_sums": [0.0] * n, "skipped": 0}
+
+
+def _add_chunk(partial: dict, metrics: dict) -> dict:
+    """The epoch's running sums after one more chunk (float64, host, in step order), over the
+    steps that were not skipped."""
+    taken = ~metrics["skipped"] if "skipped" in metrics else np.ones(len(metrics["loss"]), bool)
+    return {
+        "steps": partial["steps"] + int(np.sum(taken)),
+        "loss_sum": partial["loss_sum"] + float(np.sum(metrics["loss"][taken], dtype=np.float64)),
+        "grad_norm_sums": [
+            s + float(v)
+            for s, v in zip(
+                partial["grad_norm_sums"],
+                np.sum(metrics["grad_norms"][taken], 0, dtype=np.float64),
+                strict=True,
+            )
+        ],
+        "skipped": partial["skipped"] + int(np.sum(~taken)),
+    }
+
+
+def _epoch_record(epoch, step, partial, on_nonfinite, seconds) -> dict:
+    n = partial["steps"] or math.nan  # every step skipped: nothing to average
+    record = {
+        "epoch": epoch,
+        "step": step,
+        "train_loss": partial["loss_sum"] / n,
+        "grad_norms": [s / n for s in partial["grad_norm_sums"]],
+        "seconds": round(seconds, 3),
+    }
+    if on_nonfinite == "skip":
+        record["skipped_steps"] = partial["skipped"]
+    return record
