@@ -1,5 +1,6 @@
 """Tests of fnbp/checkpoint.py: whole training states in pickle-free, checksummed .npz files."""
 
+import hashlib
 import json
 import zipfile
 
@@ -13,7 +14,7 @@ import pytest
 from fnbp import checkpoint as ck
 from fnbp import io as fio
 from fnbp.initializers import init_params
-from fnbp.model import MLP
+from fnbp.model import MLP, init_state
 
 MODEL = MLP((5, 7, 3), "tanh")
 
@@ -214,3 +215,155 @@ def test_verify_checkpoint_returns_the_meta_record(saved):
     path, _ = saved
     meta = ck.verify_checkpoint(path)
     assert meta["step"] == 3 and meta["loop"]["history"][0]["epoch"] == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Files written before nets existed, and nets
+
+
+def _old_save_checkpoint(path, c):
+    """The checkpoint writer of fnbp at commit 9edf5f9 (before nets), frozen here: it makes the
+    files users already have (checked once against that commit's own writer: same members,
+    same bytes in each). Not atomic; the format is what matters."""
+    arrays = {
+        f"params/{l}/{k}": np.asarray(p[k])
+        for l, p in enumerate(c.params, start=1)
+        for k in ("W", "b")
+    }
+    leaves = jax.tree.leaves(c.opt_state)
+    arrays.update({f"opt_state/{i}": np.asarray(v) for i, v in enumerate(leaves)})
+    arrays["key"] = np.asarray(jax.random.key_data(c.key))
+    stored = {
+        n: v if v.dtype.isbuiltin == 1 else v.view(f"u{v.dtype.itemsize}")
+        for n, v in arrays.items()
+    }
+    h = hashlib.sha256()
+    for name in sorted(stored):
+        v = np.ascontiguousarray(stored[name])
+        h.update(f"{name}|{v.dtype.str}|{v.shape}|".encode())
+        h.update(v.tobytes())
+    m = c.model
+    meta = {
+        "format": "fnbp-checkpoint",
+        "version": 1,
+        "step": int(c.step),
+        "epoch": int(c.epoch),
+        "model": {"sizes": list(m.sizes), "activation": m.activation, "loss": m.loss,
+                  "output_activation": m.output_activation},
+        "key_impl": str(jax.random.key_impl(c.key)),
+        "opt_state_tree": str(jax.tree.structure(c.opt_state)),
+        "arrays": {name: [v.dtype.name, list(v.shape)] for name, v in arrays.items()},
+        "sha256": h.hexdigest(),
+        "config": c.config or {},
+        "loop": c.loop or {},
+    }  # fmt: skip
+    text = json.dumps(meta, allow_nan=True).encode()
+    np.savez(path, __meta__=np.frombuffer(text, np.uint8), **stored)
+
+
+def _members(path):
+    with zipfile.ZipFile(path) as f:
+        return {item.filename: f.read(item) for item in f.infolist()}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_an_old_mlp_checkpoint_loads_and_the_new_writer_writes_the_same_members(tmp_path, dtype):
+    state = _state(OPTIMIZERS["adam"], dtype=dtype)
+    old, new = tmp_path / "old.npz", tmp_path / "new.npz"
+    _old_save_checkpoint(old, state)
+    back = ck.load_checkpoint(old, OPTIMIZERS["adam"], MODEL)
+    chex.assert_trees_all_equal((back.params, back.opt_state), (state.params, state.opt_state))
+    assert (back.step, back.epoch, back.model, back.state) == (3, 1, MODEL, None)
+    assert back.config == state.config and back.loop == state.loop
+    ck.save_checkpoint(new, state)
+    assert _members(new) == _members(old)  # names, bytes and meta record: the format is unchanged
+
+
+def _net():
+    """Conv, BatchNorm, and a residual block holding a BatchNorm and dropout."""
+    from fnbp.layers import BatchNorm, Conv, Dense, Dropout, Flatten, Residual
+    from fnbp.net import Net
+
+    return Net((5, 2), [
+        Conv(3, (3,), activation="relu"),
+        BatchNorm(),
+        Residual((Conv(3, (1,), activation="tanh"), BatchNorm(momentum=0.5), Dropout(0.1))),
+        Flatten(),
+        Dense(2),
+    ])  # fmt: skip
+
+
+def _net_checkpoint(optimizer=OPTIMIZERS["adam"]):
+    """A net's checkpoint after a few optimizer steps, with running statistics no init gives."""
+    net = _net()
+    params = init_params(jax.random.key(0), net)
+    opt_state = optimizer.init(params)
+    for i in range(3):
+        g = jax.tree.map(lambda v, i=i: jnp.full_like(v, 0.1 * (i + 1)), params)
+        updates, opt_state = optimizer.update(g, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    state = jax.tree.map(lambda v: v + 0.25, init_state(net))
+    loop = {"history": []}
+    return ck.Checkpoint(params, opt_state, 3, 0, jax.random.key(7), net, None, loop, state)
+
+
+def test_a_net_checkpoint_round_trips_params_state_and_optimizer_state_bitwise(tmp_path):
+    c = _net_checkpoint()
+    path = ck.save_checkpoint(tmp_path / "net.npz", c)
+    back = ck.load_checkpoint(path, OPTIMIZERS["adam"], c.model)
+    chex.assert_trees_all_equal((back.params, back.state), (c.params, c.state))
+    chex.assert_trees_all_equal(back.opt_state, c.opt_state)
+    assert back.model == c.model and back.step == 3
+    meta = ck.verify_checkpoint(path)
+    assert meta["version"] == 2 and meta["model"] == json.loads(c.model.to_json())
+    names = {n for n in meta["arrays"] if not n.startswith("opt_state/")}
+    assert names == {
+        "key", "params/0/W", "params/0/b", "params/1/gamma", "params/1/beta",
+        "params/2/branch/0/W", "params/2/branch/0/b", "params/2/branch/1/gamma",
+        "params/2/branch/1/beta", "params/4/W", "params/4/b", "state/1/mean", "state/1/var",
+        "state/2/branch/1/mean", "state/2/branch/1/var",
+    }  # fmt: skip
+
+
+def _rewrite_meta(path, change):
+    """Rewrite the checkpoint's __meta__ record through ``change(meta)``; the arrays (and so
+    the checksum) stay valid."""
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(bytes(arrays.pop("__meta__")).decode())
+    change(meta)
+    np.savez(path, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+
+
+def test_a_checkpoint_of_a_net_with_an_unknown_kind_is_refused_naming_file_and_layer(tmp_path):
+    path = ck.save_checkpoint(tmp_path / "ckpt-000000003.npz", _net_checkpoint())
+    _rewrite_meta(path, lambda m: m["model"]["layers"][1].update(kind="group_norm"))
+    with pytest.raises(
+        ValueError, match=r"ckpt-000000003.npz: bad model spec.*layer 2: unknown kind 'group_norm'"
+    ):
+        ck.load_checkpoint(path, OPTIMIZERS["adam"])
+
+
+def test_a_net_checkpoint_missing_a_state_array_is_refused_naming_it_and_its_layer(tmp_path):
+    path = ck.save_checkpoint(tmp_path / "c.npz", _net_checkpoint())
+
+    def drop(meta):
+        del meta["arrays"]["state/2/branch/1/var"]
+
+    _rewrite_meta(path, drop)
+    with np.load(path, allow_pickle=False) as f:  # the array itself gone too, checksum fixed
+        arrays = {k: f[k] for k in f.files if k != "state/2/branch/1/var"}
+    meta = json.loads(bytes(arrays.pop("__meta__")).decode())
+    meta["sha256"] = ck._digest(arrays)
+    np.savez(path, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+    with pytest.raises(
+        ValueError, match=r"c.npz: no array state/2/branch/1/var.*layer 3 \(residual\)"
+    ):
+        ck.load_checkpoint(path, OPTIMIZERS["adam"])
+
+
+def test_a_net_checkpoint_without_the_running_statistics_is_refused(tmp_path):
+    c = _net_checkpoint()._replace(state=None)
+    with pytest.raises(ValueError, match=r"checkpoint.state is None.*layer 2 \(batch_norm\)"):
+        ck.save_checkpoint(tmp_path / "c.npz", c)
+    assert list(tmp_path.iterdir()) == []

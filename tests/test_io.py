@@ -3,12 +3,14 @@
 import json
 import zipfile
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
 
+import fnbp
 from fnbp import io as fio
 from fnbp.initializers import init_params
 from fnbp.model import MLP
@@ -218,3 +220,145 @@ def test_crash_during_write_keeps_an_existing_good_file(saved, params, monkeypat
         fio.save_params(saved, [dict(l, W=l["W"] + 1) for l in params], MODEL)
     assert saved.read_bytes() == before
     assert [p.name for p in saved.parent.iterdir()] == ["params.npz"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Files written before nets existed, and nets
+
+
+def _old_save_params(path, params, model):
+    """The params writer of fnbp at commit 9edf5f9 (before nets), frozen here: it makes the
+    files users already have (checked once against that commit's own writer: same members,
+    same bytes in each)."""
+    arrays = {}
+    for l, p in enumerate(params, start=1):
+        for k in ("W", "b"):
+            v = np.asarray(p[k])
+            if v.dtype.name == "bfloat16":
+                v = v.astype(np.float32)
+            arrays[f"layer{l}/{k}"] = v
+    spec = {
+        "sizes": list(model.sizes),
+        "activation": model.activation,
+        "loss": model.loss,
+        "output_activation": model.output_activation,
+    }
+    arrays["__model__"] = np.frombuffer(json.dumps(spec).encode(), np.uint8)
+    np.savez(path, **arrays)
+
+
+def _members(path):
+    with zipfile.ZipFile(path) as f:
+        return {item.filename: f.read(item) for item in f.infolist()}
+
+
+def test_an_old_mlp_params_file_loads_and_the_new_writer_writes_the_same_members(tmp_path, params):
+    old, new = tmp_path / "old.npz", tmp_path / "new.npz"
+    _old_save_params(old, params, MODEL)
+    loaded, model = fio.load_params(old)
+    assert model == MODEL and fio.load_state(old) is None
+    for got, want in zip(loaded, params, strict=True):
+        for k in ("W", "b"):
+            np.testing.assert_array_equal(got[k], np.asarray(want[k]))
+    fio.save_params(new, params, MODEL)
+    assert _members(new) == _members(old)  # every member's name and bytes: the format is unchanged
+
+
+def _cnn():
+    """Conv, BatchNorm, a residual block with a BatchNorm inside, and a dense head."""
+    from fnbp.layers import BatchNorm, Conv, Dense, Dropout, Flatten, Residual
+
+    return fnbp.Net((6, 2), [
+        Conv(3, (3,), activation="relu"),
+        BatchNorm(),
+        Residual((Conv(3, (1,), activation="tanh"), BatchNorm(momentum=0.5), Dropout(0.1)), learn_alpha=True),
+        Flatten(),
+        Dense(2),
+    ])  # fmt: skip
+
+
+def _trained_state(net, key=3):
+    """A state no init would give: random running statistics (var > 0)."""
+    leaves, treedef = jax.tree.flatten(fnbp.init_state(net))
+    keys = jax.random.split(jax.random.key(key), len(leaves))
+    return jax.tree.unflatten(
+        treedef, [jnp.exp(jax.random.normal(k, v.shape)) for k, v in zip(keys, leaves, strict=True)]
+    )
+
+
+def test_a_nets_params_and_state_round_trip_bitwise_under_their_tree_paths(tmp_path):
+    net = _cnn()
+    params, state = fnbp.init_params(jax.random.key(0), net), _trained_state(net)
+    fio.save_params(tmp_path / "net.npz", params, net, state)
+    with np.load(tmp_path / "net.npz", allow_pickle=False) as f:
+        names = set(f.files)
+        assert fnbp.Net.from_json(bytes(f["__model__"]).decode()) == net
+    assert names == {
+        "__model__", "params/0/W", "params/0/b", "params/1/gamma", "params/1/beta",
+        "params/2/alpha", "params/2/branch/0/W", "params/2/branch/0/b",
+        "params/2/branch/1/gamma", "params/2/branch/1/beta", "params/4/W", "params/4/b",
+        "state/1/mean", "state/1/var", "state/2/branch/1/mean", "state/2/branch/1/var",
+    }  # fmt: skip
+    loaded, model = fio.load_params(tmp_path / "net.npz")
+    assert model == net
+    chex.assert_trees_all_equal(loaded, jax.tree.map(np.asarray, params))
+    chex.assert_trees_all_equal(
+        fio.load_state(tmp_path / "net.npz"), jax.tree.map(np.asarray, state)
+    )
+    # the loaded pair runs: the same outputs as the originals
+    np.testing.assert_array_equal(
+        fnbp.forward(
+            loaded,
+            model,
+            np.ones((2, 6, 2), np.float32),
+            state=fio.load_state(tmp_path / "net.npz"),
+        ),
+        fnbp.forward(params, net, jnp.ones((2, 6, 2)), state=state),
+    )
+
+
+def test_load_state_of_a_net_saved_without_its_state_names_the_layer(tmp_path):
+    net = _cnn()
+    fio.save_params(tmp_path / "net.npz", fnbp.init_params(jax.random.key(0), net), net)
+    with pytest.raises(
+        ValueError, match=r"net.npz: the file holds no state.*layer 2 \(batch_norm\)"
+    ):
+        fio.load_state(tmp_path / "net.npz")
+    plain = fnbp.Net(4, [fnbp.layers.Dense(3)])  # nothing to keep: the empty state
+    fio.save_params(tmp_path / "plain.npz", fnbp.init_params(jax.random.key(0), plain), plain)
+    assert fio.load_state(tmp_path / "plain.npz") == [{}]
+
+
+def test_a_net_file_with_an_unknown_kind_or_a_missing_leaf_is_refused_naming_the_layer(tmp_path):
+    net = _cnn()
+    path = tmp_path / "net.npz"
+    fio.save_params(path, fnbp.init_params(jax.random.key(0), net), net)
+    spec = json.loads(net.to_json())
+    spec["layers"][2]["branch"][0]["kind"] = "attention"
+    _rewrite(path, __model__=np.frombuffer(json.dumps(spec).encode(), np.uint8))
+    with pytest.raises(
+        ValueError,
+        match=r"net.npz: .*layer 3 \(residual\) branch layer 1: unknown kind 'attention'",
+    ):
+        fio.load_params(path)
+    fio.save_params(path, fnbp.init_params(jax.random.key(0), net), net)
+    _rewrite(path, **{"params__2__branch__1__gamma": None})
+    with pytest.raises(
+        ValueError, match=r"net.npz: no array params/2/branch/1/gamma, which layer 3 \(residual\)"
+    ):
+        fio.load_params(path)
+
+
+def test_saving_a_state_that_does_not_fit_is_refused_naming_the_layer(tmp_path):
+    net = _cnn()
+    params, state = fnbp.init_params(jax.random.key(0), net), fnbp.init_state(net)
+    state[1] = {"mean": jnp.zeros(4), "var": jnp.ones(4)}
+    with pytest.raises(
+        ValueError, match=r"state\[1\]\['mean'\] \(layer 2, batch_norm\) must have shape \(3,\)"
+    ):
+        fio.save_params(tmp_path / "net.npz", params, net, state)
+    with pytest.raises(ValueError, match="an MLP keeps no state"):
+        fio.save_params(
+            tmp_path / "mlp.npz", init_params(jax.random.key(0), MODEL), MODEL, [{"x": 1}] * 2
+        )
+    assert list(tmp_path.iterdir()) == []
