@@ -18,8 +18,10 @@ import jax
 import numpy as np
 import pytest
 
+import fnbp
 from fnbp.cli import main
 from fnbp.io import load_params
+from fnbp.layers import BatchNorm, Conv, Dense, Dropout, Flatten, MaxPool, Reshape
 
 SMALL = ["--dataset", "digits", "--sizes", "64,32,10", "--epochs", "3", "--no-progress"]
 
@@ -491,6 +493,7 @@ def test_resume_from_a_corrupt_checkpoint_exits_2_naming_it_and_keeps_it(tmp_pat
         ("bad-value", [], "config.json: fnbp train: argument --lr: must be > 0"),
         ("run", ["--lr", "0.1"], "drop --lr"),
         ("run", ["--epochs=4", "--overwrite"], "drop --epochs, --overwrite"),
+        ("bad-net", [], "config.json: net: layer 1: unknown kind 'attention'"),
     ],
 )
 def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys, setup, extra, match):
@@ -502,11 +505,14 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys, setup, extra, 
         config = json.loads(json.dumps({"lr": 0.0}))
         if setup == "bad-json":
             (out / "config.json").write_text("{not json")
-        elif setup == "bad-value":
+        elif setup in ("bad-value", "bad-net"):
             from fnbp.cli import TRAIN_SETTINGS
 
             config = {k: None for k in TRAIN_SETTINGS}
             config.update(dataset="digits", sizes=[64, 10], lr=0.0, epochs=1)
+            if setup == "bad-net":
+                config.update(lr=0.1, sizes=None, net={"kind": "net", "input_shape": 64,
+                                                       "layers": [{"kind": "attention"}]})  # fmt: skip
             (out / "config.json").write_text(json.dumps(config))
     before = sorted(p.name for p in out.rglob("*")) if out.exists() else None
     assert main(["train", "--resume", str(out), *extra]) == 2
@@ -599,3 +605,229 @@ def test_check_mixed_precision_passes_at_its_tolerance(capsys):
     assert main([*CHECK, "--compute-dtype", "bfloat16"]) == 0
     out = capsys.readouterr().out
     assert "rtol: jax.grad 0.05 (bfloat16 compute)" in out and out.strip().endswith("PASSED")
+
+
+# ----------------------------------------------------------------------------------------------
+# nets: --net FILE.json and the --arch presets
+
+# A small CNN with every mode-dependent kind: BatchNorm (state) and Dropout (masks from the key).
+# (No conv bias: train-mode BatchNorm cancels it, its gradient is 0 and a relative error of it
+# is rounding noise.)
+TINY_CNN = fnbp.Net(64, [
+    Reshape((8, 8, 1)), Conv(4, (3, 3), use_bias=False), BatchNorm(activation="relu"),
+    MaxPool((2, 2)),
+    Flatten(), Dropout(0.2), Dense(10),
+])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def net_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("spec") / "tiny-cnn.json"
+    path.write_text(TINY_CNN.to_json(indent=1))
+    return path
+
+
+def _check_net(capsys, *argv):
+    rc = main(["check", "--batch-size", "6", *argv])
+    return rc, capsys.readouterr().out
+
+
+def test_check_net_file_passes_and_names_every_layer_and_the_state(capsys, net_file):
+    rc, out = _check_net(capsys, "--net", str(net_file))
+    assert rc == 0, out
+    assert "Net (64,) -> 10: reshape, conv, batch_norm, max_pool, flatten, dropout, dense" in out
+    assert "train mode" in out and "params perturbed from init" in out.splitlines()[0]
+    for leaf in ("layer 2 (conv) W", "layer 3 (batch_norm) gamma", "layer 7 (dense) b"):
+        assert leaf in out
+    assert "new state, vs the reference forward pass" in out
+    assert out.strip().splitlines()[-1] == "PASSED"
+
+
+def _captured_crosscheck(monkeypatch):
+    """Replace the CLI's crosscheck by one that records its arguments and still runs it."""
+    module = importlib.import_module("fnbp.crosscheck")
+    real, seen = module.crosscheck, {}
+
+    def recording(params, model, x, y, **kwargs):
+        seen.update(params=params, model=model, x=x, **kwargs)
+        return real(params, model, x, y, **kwargs)
+
+    monkeypatch.setattr(module, "crosscheck", recording)
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_check_uses_perturbed_params_and_state_and_the_chosen_mode(capsys, monkeypatch, mode):
+    seen = _captured_crosscheck(monkeypatch)
+    rc, out = _check_net(capsys, "--arch", "resmlp", "--norm", "batch", "--depth", "1",
+                         "--width", "4", "--dropout", "0.1", "--mode", mode, "--no-fd")  # fmt: skip
+    assert rc == 0, out
+    assert f"{mode} mode" in out.splitlines()[1]
+    assert seen["train"] is (mode == "train") and (seen["key"] is not None) is (mode == "train")
+    block = seen["params"][1]["branch"]  # the first residual block's branch
+    bn, state = block[1], seen["state"][1]["branch"][1]
+    # init would give γ = 1, β = 0, b = 0, mean 0, var 1: each of them must be moved
+    assert np.all(np.asarray(bn["gamma"]) != 1) and np.all(np.asarray(bn["beta"]) != 0)
+    assert np.all(np.asarray(seen["params"][0]["b"]) != 0)
+    assert np.all(np.asarray(state["mean"]) != 0) and np.all(np.asarray(state["var"]) != 1)
+    assert np.all(np.asarray(state["var"]) > 0)
+    # the preset is sized for digits: 64 features, 10 classes
+    assert seen["x"].shape == (6, 64) and seen["model"].output_size == 10
+
+
+def test_check_mnist1d_cnn_is_sized_for_mnist1d(capsys):
+    rc, out = _check_net(capsys, "--arch", "mnist1d_cnn", "--no-fd")
+    assert rc == 0, out
+    assert "Net (40, 1) -> 10: conv, conv, conv, flatten, dense" in out
+    assert "layer 3 (conv) W  (3, 25, 25)" in out and out.strip().endswith("PASSED")
+
+
+def test_check_net_fails_with_exit_1_naming_the_broken_layer(capsys, monkeypatch, net_file):
+    module = importlib.import_module("fnbp.crosscheck")
+    real = module._backprop_jit
+
+    def conv_grads_off(*args, **kwargs):
+        r = real(*args, **kwargs)
+        grads = list(r.grads)
+        grads[1] = jax.tree.map(lambda g: g * 1.001, grads[1])  # layer 2 (conv)
+        return r._replace(grads=grads)
+
+    monkeypatch.setattr(module, "_backprop_jit", conv_grads_off)
+    rc, out = _check_net(capsys, "--net", str(net_file), "--no-fd")
+    assert rc == 1
+    fails = [line.split("  ")[0] for line in out.splitlines() if line.endswith("FAIL")]
+    assert fails == ["layer 2 (conv) W"], out
+    assert "first broken local rule: layer 2 (conv)" in out
+    assert out.strip().splitlines()[-1] == "FAILED"
+
+
+def test_help_lists_the_net_options(capsys):
+    for command, options in [
+        ("train", ["--net FILE.json", "--arch {cnn,mnist1d_cnn,resmlp}", "--depth", "--width",
+                   "--norm {batch,layer,none}", "--alpha", "--dropout RATE"]),
+        ("check", ["--net FILE.json", "--arch", "--mode {train,eval}", "PERTURBED"]),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        for option in options:
+            assert option in text, (command, option)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "a --net file or an --arch preset" in " ".join(capsys.readouterr().out.split())
+
+
+def _records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def net_runs(tmp_path_factory, net_file):
+    """Two 2-epoch digits runs of TINY_CNN: ``whole`` uninterrupted, ``cut`` stopped after its
+    first chunk (step 20) and resumed with its --net file gone."""
+    root = tmp_path_factory.mktemp("net-runs")
+    results = {}
+    for name in ("whole", "cut"):
+        spec = root / f"{name}.json"
+        spec.write_text(net_file.read_text())
+        argv = ["train", "--net", str(spec), "--epochs", "2", "--checkpoint-every", "20",
+                "--no-progress", "--out", str(root / name)]  # fmt: skip
+        buffer, err = io.StringIO(), io.StringIO()
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(contextlib.redirect_stdout(buffer))
+            stack.enter_context(contextlib.redirect_stderr(err))
+            if name == "cut":  # as if a SIGINT came during the first chunk
+                mp = stack.enter_context(pytest.MonkeyPatch.context())
+                mp.setattr("fnbp.cli._StopOnSignal.__call__", lambda self: True)
+            rc = main(argv)
+        results[name] = {"rc": rc, "out": buffer.getvalue(), "err": err.getvalue()}
+        spec.unlink()  # --resume must rebuild the net from config.json alone
+    cut = root / "cut"
+    results["cut"]["params_before_resume"] = (cut / "params.npz").exists()
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        results["resumed"] = {"rc": main(["train", "--resume", str(cut), "--no-progress"]),
+                              "err": err.getvalue()}  # fmt: skip
+    return root, results
+
+
+def test_train_net_file_writes_its_spec_state_and_metrics(net_runs):
+    from fnbp.io import load_state
+
+    root, results = net_runs
+    run = root / "whole"
+    assert results["whole"]["rc"] == 0, results["whole"]["err"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoints", "config.json", "metrics.jsonl", "params.npz"
+    ]  # fmt: skip
+    config = json.loads((run / "config.json").read_text())
+    assert config["net"] == json.loads(TINY_CNN.to_json())  # the full spec, not just the file
+    assert config["net_file"] == str(root / "whole.json") and config["sizes"] is None
+    params, net = load_params(run / "params.npz")
+    assert net == TINY_CNN and params[1]["W"].shape == (3, 3, 1, 4)
+    state = load_state(run / "params.npz")
+    mean = np.asarray(state[2]["mean"])  # layer 3 (batch_norm): moved from its init, 0
+    assert mean.shape == (4,) and np.all(mean != 0)
+    records = _records(run)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(len(r["grad_norms"]) == 2 for r in records)  # the conv's W and the dense's W
+    assert records[-1]["test_accuracy"] > 0.5  # chance is 0.1; 2 epochs of this net get ~0.8
+    assert f"final test accuracy: {records[-1]['test_accuracy']:.4f}" in results["whole"]["out"]
+
+
+def test_resume_rebuilds_the_net_from_config_json_and_ends_bitwise_identical(net_runs):
+    root, results = net_runs
+    cut = results["cut"]
+    assert cut["rc"] == 130 and not cut["params_before_resume"], cut["err"]
+    assert "stopped after step 20" in cut["err"]
+    assert results["resumed"]["rc"] == 0, results["resumed"]["err"]
+    assert "from ckpt-000000020.npz" in results["resumed"]["err"]
+    _same_results(root / "cut", root / "whole")  # BatchNorm state and dropout masks included
+    from fnbp.io import load_state
+
+    a, b = load_state(root / "cut" / "params.npz"), load_state(root / "whole" / "params.npz")
+    chex.assert_trees_all_close(a, b, rtol=0, atol=0)  # bit for bit
+
+
+def _train_arch(out, *argv):
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        rc = main(["train", *argv, "--epochs", "1", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    return json.loads((out / "config.json").read_text()), load_params(out / "params.npz")
+
+
+def test_train_arch_cnn_builds_the_preset_for_digits(tmp_path):
+    from fnbp import presets
+
+    config, (params, net) = _train_arch(tmp_path / "cnn", "--arch", "cnn", "--batch-size", "64")
+    assert net == presets.cnn(64, 10) and config["arch"] == "cnn"
+    assert config["net"] == net.to_dict() and config["depth"] is None
+    assert _records(tmp_path / "cnn")[-1]["test_accuracy"] > 0.5  # one epoch: ~0.9
+
+
+def test_train_arch_resmlp_with_batch_norm_records_its_resolved_options(tmp_path):
+    from fnbp.io import load_state
+
+    config, (params, net) = _train_arch(
+        tmp_path / "res", "--arch", "resmlp", "--norm", "batch", "--depth", "2", "--width", "16"
+    )
+    assert (config["depth"], config["width"], config["norm"]) == (2, 16, "batch")
+    assert config["alpha"] == 1 / np.sqrt(2) and config["dropout"] == 0.0
+    assert [layer.kind for layer in net.layers] == ["dense", "residual", "residual", "dense"]
+    assert [layer.kind for layer in net.layers[1].branch] == [
+        "dense", "batch_norm", "dense", "batch_norm"
+    ]  # fmt: skip
+    state = load_state(tmp_path / "res" / "params.npz")
+    assert np.all(np.asarray(state[1]["branch"][1]["var"]) != 1)  # running stats were kept
+
+
+def test_train_arch_mnist1d_cnn_reshapes_the_data_to_its_input_shape(tmp_path):
+    config, (params, net) = _train_arch(
+        tmp_path / "m1d", "--arch", "mnist1d_cnn", "--batch-size", "64", "--optimizer", "adam",
+        "--lr", "0.01",
+    )  # fmt: skip
+    assert net.input_shape == (64, 1)  # digits' 64 features as a signal of one channel
+    assert params[0]["W"].shape == (5, 1, 25) and params[-1]["W"].shape == (10, 8 * 25)
+    assert _records(tmp_path / "m1d")[-1]["test_accuracy"] > 0.3  # one epoch: ~0.8
