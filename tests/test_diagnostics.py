@@ -1,6 +1,8 @@
 """Tests of fnbp/diagnostics.py: layer_stats against a forward pass and jax.grad written here,
 and its measured χ against mean-field theory on wide random networks."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -152,3 +154,95 @@ def test_wide_relu_net_measured_delta_ratio_matches_mean_field_chi(sigma_w2, exp
     # Width 256: each layer's ratio fluctuates by a few percent (O(1/√width)); the geometric
     # mean over 6 seeds × 8 layers is well inside 10%, while the other init's χ is 2× away.
     assert measured == pytest.approx(expected_chi, rel=0.10)
+
+
+# ----------------------------------------------------------------------------------------------
+# Nets: a CNN and a ResNet, against jax.grad of the reference loss written with offsets.
+
+
+def _cnn():
+    from fnbp.layers import Conv, Dense, Flatten, MaxPool
+
+    return fnbp.Net((6, 6, 1), [
+        Conv(3, (3, 3), activation="tanh"),
+        MaxPool((2, 2)),
+        Conv(4, (2, 2), padding="VALID", activation="relu"),
+        Flatten(),
+        Dense(3),
+    ])  # fmt: skip
+
+
+def _resnet():
+    from fnbp.layers import BatchNorm, Dense, LayerNorm, Residual
+
+    return fnbp.Net(6, [
+        Dense(8, "tanh"),
+        Residual((Dense(8, "tanh"), LayerNorm(), Dense(8)), alpha=0.5),
+        BatchNorm(activation="relu"),
+        Residual((Dense(5, "relu"),), alpha=0.3, learn_alpha=True),  # projects 8 → 5
+        Dense(3),
+    ])  # fmt: skip
+
+
+def _random_params(net, seed=0):
+    """Params of ``net`` drawn with NumPy's RNG (cheap: no threefry compilation per shape),
+    away from init's special values (γ = 1, β = 0, b = 0 hide bugs): N(0, 0.5²) entries,
+    γ = 1 + N(0, 0.3²)."""
+    rng = np.random.default_rng(seed)
+    like = jax.eval_shape(lambda: fnbp.init_params(jax.random.key(0), net, dtype=jnp.float64))
+
+    def draw(path, v):
+        gamma = path[-1].key == "gamma"
+        return jnp.asarray(rng.normal(1.0 if gamma else 0.0, 0.3 if gamma else 0.5, v.shape))
+
+    return jax.tree_util.tree_map_with_path(draw, like)
+
+
+def _weight_leaves(g):
+    """Every weight matrix in a layer's grads, found by name (dense and conv W, projections
+    P, nested branches included); not b, γ, β, α."""
+    if isinstance(g, dict):
+        return [v for k, v in g.items() if k in ("W", "P")] + _weight_leaves(g.get("branch", []))
+    return [w for item in g for w in _weight_leaves(item)]
+
+
+@functools.partial(jax.jit, static_argnames=("net", "train"))
+def _reference_net_stats(params, net, x, y, state, train):
+    from fnbp.model import _loss_and_state, run
+
+    tr = run(params, net, x, state=state, train=train)
+    offsets = [jnp.zeros_like(z) for z in tr.z]  # z⁽ⁱ⁾ + offset⁽ⁱ⁾: a residual block's stream z
+    loss = lambda p, o: _loss_and_state(p, net, x, y, 0.0, None, state, None, train, o)[0]  # noqa: E731
+    deltas = jax.grad(loss, argnums=1)(params, offsets)  # δ⁽ⁱ⁾ = ∂L/∂z⁽ⁱ⁾
+    grads = jax.grad(loss)(params, offsets)
+    axes = lambda v: tuple(range(1, v.ndim))  # noqa: E731 (every axis but the batch's)
+    norm = lambda ws: jnp.sqrt(sum(jnp.sum(w**2) for w in ws)) if ws else jnp.nan  # noqa: E731
+    return {
+        "loss": loss(params, offsets),
+        "delta_sq": jnp.stack([jnp.sum(d**2) for d in deltas]),
+        "delta_norm": jnp.stack([jnp.mean(jnp.sqrt(jnp.sum(d**2, axis=axes(d)))) for d in deltas]),
+        "weight_grad_norm": jnp.stack([norm(_weight_leaves(g)) for g in grads]),
+        "preactivation_q": jnp.stack([jnp.mean(z**2) for z in tr.z]),
+        "activation_std": jnp.stack([jnp.std(a) for a in tr.a[1:]]),
+    }
+
+
+@pytest.mark.parametrize("make, train", [(_cnn, False), (_resnet, True)], ids=["cnn", "resnet"])
+def test_layer_stats_of_a_cnn_and_a_resnet_equal_jax_grad_through_offsets(make, train, x64):
+    net = make()
+    params = _random_params(net)
+    state = fnbp.init_state(net)
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(7, *net.input_shape)))
+    y = jnp.asarray(rng.integers(0, 3, 7))
+    stats = layer_stats(params, net, x, y, state=state, train=train if net.needs_train else None)
+    expected = _reference_net_stats(params, net, x, y, state, train)
+    assert set(stats) == set(expected)
+    for name in FIELDS:
+        assert stats[name].shape == (len(net.layers),), name
+    # layers without weights (pooling, flatten, normalization) have no weight-gradient norm
+    no_weights = [i for i, layer in enumerate(net.layers) if layer.kind in ("max_pool", "flatten",
+                                                                            "batch_norm")]  # fmt: skip
+    assert np.flatnonzero(np.isnan(stats["weight_grad_norm"])).tolist() == no_weights
+    for name in expected:  # float64: the same sums in another order (see RTOL64)
+        chex.assert_trees_all_close(stats[name], expected[name], rtol=RTOL64, atol=ATOL64)
