@@ -91,9 +91,7 @@ def _backprop(
     layers, loss_fn = model.layers, model.loss_fn
     # z⁽ⁱ⁾ = op_i(a⁽ⁱ⁻¹⁾), a⁽ⁱ⁾ = f_i(z⁽ⁱ⁾); a⁽⁰⁾ = x; in compute_dtype when given
     tr = run(params, model, x, state=state, masks=masks, train=train, compute_dtype=compute_dtype)
-    z_out, a_out = output_for_loss(
-        params, tr.z[-1], tr.a[-1]
-    )  # float32 logits under mixed precision
+    z_out, a_out = output_for_loss(params, tr.z[-1], tr.a[-1])  # float32 logits if mixed
     t = to_targets(loss_fn, y, model.output_size, z_out.dtype)
     loss = jnp.mean(loss_fn.value(z_out, a_out, t)) + l2_penalty(params, model, l2)
 

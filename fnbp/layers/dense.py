@@ -51,9 +51,8 @@ def dense_backward(p: dict[str, Array], a_prev: Array, delta: Array, l2) -> tupl
         ``back = W⁽ˡ⁾ᵀ δ⁽ˡ⁾ = ∂L/∂a⁽ˡ⁻¹⁾`` of shape ``(batch, n_in)`` in δ's dtype.
     """
     W = p["W"]
-    grads = {
-        "W": decay(jnp.matmul(delta.T, a_prev, preferred_element_type=W.dtype), W, l2)
-    }  # Σₙ δaᵀ + λW
+    dW = jnp.matmul(delta.T, a_prev, preferred_element_type=W.dtype)  # Σₙ δaᵀ
+    grads = {"W": decay(dW, W, l2)}  # + λW
     if "b" in p:
         grads["b"] = jnp.sum(delta, axis=0, dtype=p["b"].dtype)  # Σₙ δ
     return grads, delta @ W.astype(delta.dtype)  # Wᵀδ, one row per example
