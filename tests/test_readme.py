@@ -1,0 +1,21 @@
+"""Tests of README.md against the source: the backward-pass listing is the code as it is."""
+
+import importlib
+import inspect
+from pathlib import Path
+
+from fnbp import engine
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+backprop = importlib.import_module("fnbp.backprop")
+
+
+def _block_after(text: str, marker: str) -> str:
+    start = text.index("```python", text.index(marker)) + len("```python\n")
+    return text[start : text.index("```", start)]
+
+
+def test_readme_backward_pass_listing_is_the_source():
+    listing = _block_after(README.read_text(), "The whole backward pass")
+    for fn in (engine.backward_seq, engine.act_backward, backprop._backprop):
+        assert inspect.getsource(fn).rstrip() in listing, f"README listing of {fn.__name__} drifted"
