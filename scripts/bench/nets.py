@@ -7,11 +7,13 @@ The nets (float32, random inputs of the net's input shape, random labels):
 
 * the digits CNN, batch 32, SGD + momentum 0.9: 8×8 images, two 3×3 convolutions (16, 32
   channels, ReLU) each followed by a 2×2 max-pool, then a dense layer;
-* the MNIST-1D CNN of the dataset's paper, batch 100, Adam 1e-2: three 1-D convolutions of 25
-  channels, kernels 5/3/3, stride 2, padding 1, ReLU, then a dense layer;
-* a residual MLP with BatchNorm, batch 64, SGD + momentum 0.9: 64 → 128, 10 blocks
-  ``x + F(x)`` with ``F = Dense(128) → BatchNorm → ReLU → Dense(128) → BatchNorm``, → 10
-  (2 blocks in ``--quick``).
+* the MNIST-1D CNN of the dataset's paper (``fnbp.presets.mnist1d_cnn``), batch 100, Adam
+  1e-2: three 1-D convolutions of 25 channels, kernels 5/3/3, stride 2, padding 1, ReLU, then
+  a dense layer;
+* a residual MLP with BatchNorm (``fnbp.presets.resmlp``, ``norm="batch"``), batch 64, SGD +
+  momentum 0.9: 64 → 128, 10 blocks ``x + α·F(x)`` with ``F = Dense(128) → BatchNorm → ReLU →
+  Dense(128) → BatchNorm`` (no bias before a BatchNorm, α = 1/√10), → 10 (2 blocks in
+  ``--quick``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import optax
 
 import fnbp
 from bench.common import LR, MOMENTUM, interleaved, jax_runner, log, paired
-from fnbp.layers import BatchNorm, Conv, Dense, Flatten, MaxPool, Reshape, Residual
+from fnbp import presets
+from fnbp.layers import Conv, Dense, Flatten, MaxPool, Reshape
 
 BLOCKS, QUICK_BLOCKS = 10, 2
 
@@ -40,20 +43,15 @@ def digits_cnn() -> fnbp.Net:
 
 
 def mnist1d_cnn() -> fnbp.Net:
-    conv = dict(strides=2, padding=((1, 1),), activation="relu")
-    return fnbp.Net((40, 1), [
-        Conv(25, (5,), **conv), Conv(25, (3,), **conv), Conv(25, (3,), **conv),
-        Flatten(), Dense(10),
-    ])  # fmt: skip
+    return presets.mnist1d_cnn(40, 10)
 
 
 def resmlp_bn(blocks: int) -> fnbp.Net:
-    block = Residual((Dense(128), BatchNorm(activation="relu"), Dense(128), BatchNorm()))
-    return fnbp.Net(64, [Dense(128), *[block] * blocks, Dense(10)])
+    return presets.resmlp(64, 10, depth=blocks, width=128, norm="batch")
 
 
 def net_cases(quick: bool) -> list[dict]:
-    """``{"name", "net", "batch", "optimizer", "optimizer_name"}`` for every net."""
+    """``{"name", "net", "batch", "optimizer": (transformation, its name)}`` for every net."""
     sgd = optax.sgd(LR, momentum=MOMENTUM), f"SGD {LR} + momentum {MOMENTUM}"
     blocks = QUICK_BLOCKS if quick else BLOCKS
     return [

@@ -110,7 +110,8 @@ def _net_steps(result) -> list[str]:
         "above. Nets: the digits CNN (8×8×1 → Conv 16 3×3 ReLU → MaxPool 2×2 → Conv 32 3×3 "
         "ReLU → MaxPool 2×2 → Dense 10), the MNIST-1D CNN (40×1 → 3 × Conv1d 25, kernels "
         "5/3/3, stride 2, padding 1, ReLU → Dense 10) and a residual MLP (64 → 128, blocks "
-        "x + F(x) with F = Dense 128 → BatchNorm → ReLU → Dense 128 → BatchNorm, → 10).",
+        "x + α·F(x) with F = Dense 128 → BatchNorm → ReLU → Dense 128 → BatchNorm, no bias "
+        "before a BatchNorm, α = 1/√blocks, → 10).",
         "",
         markdown_table(["net", "implementation", "ms/step", "first call s", "peak memory"], rows),
         "",
