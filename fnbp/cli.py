@@ -182,7 +182,8 @@ def _parser(raise_errors: bool = False) -> argparse.ArgumentParser:
         )  # fmt: skip
         p.add_argument(
             "--loss", choices=sorted(LOSSES),
-            help="default: mse for teacher_student, softmax_cross_entropy otherwise",
+            help="default: mse for teacher_student, softmax_cross_entropy otherwise (a --net "
+            "file sets its own)",
         )  # fmt: skip
         p.add_argument(
             "--output-activation", choices=sorted(ACTIVATIONS),
@@ -239,7 +240,7 @@ def _parser(raise_errors: bool = False) -> argparse.ArgumentParser:
 
     c = sub.add_parser(
         "check",
-        help="cross-check the hand-written grads on random data",
+        help="cross-check the hand-written grads on random data (a net at perturbed params)",
         description="Cross-check the hand-written gradients against jax.grad and finite "
         "differences on random data. An --arch preset is sized for its data set (cnn, resmlp: "
         "digits; mnist1d_cnn: mnist1d). A net (--net, --arch, --sizes with --dropout) is checked "
