@@ -60,7 +60,7 @@ def test_bench_quick_writes_every_section_with_positive_numbers(tmp_path):
         assert _positive(s["median_ms"]) and _positive(s["tflops"]), s
         assert _positive(s["ceiling_fraction"]) and _positive(s["compile_s"]), s
     for r in result["ratios"]:
-        assert _positive(r["ratio"])
+        assert _positive(r["ratio"]) and _positive(r["cpu_ratio"])
         assert _positive(r["manual_peak_bytes"]) and _positive(r["autodiff_peak_bytes"])
 
     net_rows = [s for s in result["net_steps"] if s.get("median_ms") is not None]
@@ -74,6 +74,7 @@ def test_bench_quick_writes_every_section_with_positive_numbers(tmp_path):
     assert all(r["net"].startswith(n) for r, n in zip(result["net_ratios"], NETS, strict=True))
     for r in result["net_ratios"]:
         assert _positive(r["ratio"]) and r["paired_iqr"][0] <= r["ratio"] <= r["paired_iqr"][1]
+        assert r["cpu_paired_iqr"][0] <= r["cpu_ratio"] <= r["cpu_paired_iqr"][1]
         cnn = "CNN" in r["net"]  # convolutions in both programs, none in the residual MLP's
         for hlo in (r["manual_hlo"], r["autodiff_hlo"]):
             assert (hlo["convolution"] > 0) == cnn and hlo["fusion"] > 0, r

@@ -65,11 +65,16 @@ def time_calls(fn, n: int = 1) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def interleaved(runners: dict, repeats: int, target_s: float) -> dict[str, list[float]]:
+def interleaved(
+    runners: dict, repeats: int, target_s: float, cpu: dict | None = None
+) -> dict[str, list[float]]:
     """Seconds per step of each runner, over ``repeats`` rounds, each in a random order.
 
     A runner is a dict with ``run(n)`` (n steps, waited for) and optionally ``settle_s`` (a
     pause after each of its rounds). Each round times about ``target_s`` seconds of steps.
+    With ``cpu`` (a dict), the same rounds' CPU seconds per step of this process (every thread,
+    XLA's workers included) go into it, by runner: on a machine shared with other processes
+    they do not count the time spent waiting for a core, which wall time does.
     """
     inner = {}
     for name, r in runners.items():
@@ -79,14 +84,23 @@ def interleaved(runners: dict, repeats: int, target_s: float) -> dict[str, list[
         time.sleep(r.get("settle_s", 0.0))
         inner[name] = int(min(1000, max(1, round(target_s / max(one, 1e-6)))))
     names, times = list(runners), {name: [] for name in runners}
+    cpu = {} if cpu is None else cpu
+    cpu.update({name: [] for name in runners})
     order = np.random.default_rng(0)  # a fresh order every round: no runner always follows another
     for _ in range(repeats):
         for name in order.permutation(names):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             runners[name]["run"](inner[name])
             times[name].append((time.perf_counter() - t0) / inner[name])
+            cpu[name].append((time.process_time() - c0) / inner[name])
             time.sleep(runners[name].get("settle_s", 0.0))
     return times
+
+
+def paired_cpu(cpu: dict, numerator: str, denominator: str) -> dict:
+    """:func:`paired` of the CPU times of two runners, as ``cpu_ratio`` and ``cpu_paired_iqr``."""
+    got = paired(cpu[numerator], cpu[denominator])
+    return {"cpu_ratio": got["ratio"], "cpu_paired_iqr": got["paired_iqr"]}
 
 
 def paired(numerator: list[float], denominator: list[float]) -> dict:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 
 import fnbp
-from bench.common import LR, MOMENTUM, interleaved, jax_runner, log, paired
+from bench.common import LR, MOMENTUM, interleaved, jax_runner, log, paired, paired_cpu
 from fnbp import presets
 from fnbp.layers import Conv, Dense, Flatten, MaxPool, Reshape
 
@@ -128,7 +128,8 @@ def net_step_section(args) -> tuple[list[dict], list[dict]]:
             runners["flax + optax"] = make_flax_net(case)
         except (TypeError, ValueError) as e:  # a kind fnbp.to_flax does not cover: a result
             notes["flax + optax"] = f"not run: {type(e).__name__}: {str(e)[:200]}"
-        times = interleaved(runners, args.repeats, args.target_s)
+        cpu = {}
+        times = interleaved(runners, args.repeats, args.target_s, cpu)
         row = {"net": name, "layers": net.to_json(), "batch": batch, "dtype": "float32",
                "optimizer": case["optimizer"][1], "num_params": net.num_params}  # fmt: skip
         for impl, ts in times.items():
@@ -150,6 +151,7 @@ def net_step_section(args) -> tuple[list[dict], list[dict]]:
         ratios.append(
             {"net": name, "batch": batch, "dtype": "float32"}
             | paired(times["fnbp manual"], times["fnbp autodiff"])
+            | paired_cpu(cpu, "fnbp manual", "fnbp autodiff")
             | {"manual_peak_bytes": m["peak_bytes"], "autodiff_peak_bytes": a["peak_bytes"]}
             | {"manual_hlo": m["hlo"], "autodiff_hlo": a["hlo"]}
         )

@@ -16,6 +16,11 @@ def _iqr(r) -> str:
     return f"{r['paired_iqr'][0]:.3f}–{r['paired_iqr'][1]:.3f}"
 
 
+def _cpu(r) -> str:
+    lo, hi = r["cpu_paired_iqr"]
+    return f"{r['cpu_ratio']:.3f} ({lo:.3f}–{hi:.3f})"
+
+
 def _header(result) -> list[str]:
     meta = result["meta"]
     return [
@@ -73,16 +78,19 @@ def _train_steps(result) -> list[str]:
         "",
         "manual/autodiff step-time ratio: the median over rounds of the two timed in the same "
         "round, then the ratio of the two medians and the interquartile range of the per-round "
-        "ratios:",
+        "ratios; beside them the same median and IQR of the per-round ratios of CPU time (this "
+        "process, every thread), which leave out the waits for a core that other processes "
+        "on the machine cause:",
         "",
         markdown_table(
-            ["case", "manual/autodiff", "ratio of medians", "per-round IQR"],
+            ["case", "manual/autodiff", "ratio of medians", "per-round IQR", "CPU time (IQR)"],
             [
                 [
                     f"{r['config']} b{r['batch']} {r['dtype']}",
                     f"{r['ratio']:.3f}",
                     f"{r['ratio_of_medians']:.3f}",
                     _iqr(r),
+                    _cpu(r),
                 ]
                 for r in result["ratios"]
             ],
@@ -124,6 +132,7 @@ def _net_steps(result) -> list[str]:
                 "manual/autodiff",
                 "ratio of medians",
                 "per-round IQR",
+                "CPU time (IQR)",
                 "ops manual",
                 "ops autodiff",
             ],
@@ -133,6 +142,7 @@ def _net_steps(result) -> list[str]:
                     f"{r['ratio']:.3f}",
                     f"{r['ratio_of_medians']:.3f}",
                     _iqr(r),
+                    _cpu(r),
                     " / ".join(str(r["manual_hlo"][k]) for k in ops),
                     " / ".join(str(r["autodiff_hlo"][k]) for k in ops),
                 ]

@@ -135,7 +135,9 @@ def _ratio_note(t: dict, r: dict, why: str) -> str:
         if r["paired_iqr"][0] <= 1.0
         else "outside the spread of the paired per-repeat ratios, so a real gap in this run"
     )
-    return f"{t['target']}: missed at {t['measured']}, {spread}. {why}"
+    lo, hi = r["cpu_paired_iqr"]
+    cpu = f"The same rounds' CPU-time ratio: {r['cpu_ratio']:.3f} (IQR {lo:.3f}–{hi:.3f})."
+    return f"{t['target']}: missed at {t['measured']}, {spread}. {cpu} {why}"
 
 
 def _hlo_diff(r: dict) -> str:

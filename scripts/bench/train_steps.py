@@ -21,6 +21,7 @@ from bench.common import (
     log,
     mlp_case,
     paired,
+    paired_cpu,
     weights,
 )
 
@@ -85,7 +86,8 @@ def train_step_section(cases, torch_results, args, ceilings) -> tuple[list[dict]
             "fnbp autodiff": make_fnbp(sizes, batch, dtype, "autodiff"),
             "flax + optax": make_flax(sizes, batch, dtype),
         }
-        times = interleaved(runners, args.repeats, args.target_s)
+        cpu = {}
+        times = interleaved(runners, args.repeats, args.target_s, cpu)
         compile_s = {k: r["compile_s"] for k, r in runners.items()}
         peak = {k: r["peak_bytes"] for k, r in runners.items()}
         notes = {}
@@ -116,6 +118,7 @@ def train_step_section(cases, torch_results, args, ceilings) -> tuple[list[dict]
         ratios.append(
             {"config": config, "batch": batch, "dtype": dtype}
             | paired(times["fnbp manual"], times["fnbp autodiff"])
+            | paired_cpu(cpu, "fnbp manual", "fnbp autodiff")
             | {
                 "manual_peak_bytes": peak["fnbp manual"],
                 "autodiff_peak_bytes": peak["fnbp autodiff"],
