@@ -106,6 +106,40 @@ def _snapshot(root: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# Nets: a net with BatchNorm, Dropout and a residual branch, its params and state.
+
+L = fnbp.layers
+NET = fnbp.Net(4, [L.Dense(6, "relu"), L.BatchNorm(), L.Dropout(0.5),
+                   L.Residual((L.Dense(6, "tanh"), L.Dropout(0.2))), L.Dense(3)])  # fmt: skip
+CNN = fnbp.Net((4, 4, 1), [L.Conv(2, (3, 3)), L.Flatten(), L.Dense(3)])
+DROPOUT = fnbp.Net(4, [L.Dense(3), L.Dropout(0.5), L.Dense(3)])
+BRANCH = fnbp.Net(4, [L.Residual((L.Dense(4), L.Dropout(0.3))), L.Dense(3)])  # dropout inside
+
+
+def _net(layers, input_shape=4, loss="softmax_cross_entropy"):
+    return fnbp.Net(input_shape, layers, loss)
+
+
+def _np(net=NET):
+    return fnbp.init_params(jax.random.key(0, impl="rbg"), net)  # rbg: cheap to compile
+
+
+def _replace(tree, index, value):
+    return [value if i == index else t for i, t in enumerate(tree)]
+
+
+def _eval(call, params=None, state=None, **kwargs):
+    """``call(params, NET, X, Y, ...)`` in eval mode with NET's params and state by default."""
+    params = _np() if params is None else params
+    state = fnbp.init_state(NET) if state is None else state
+    return call(params, NET, X, Y, state=state, train=False, **kwargs)
+
+
+def _from_file(w, name):
+    return fnbp.Net.from_json((w / name).read_text())
+
+
+# ----------------------------------------------------------------------------------------------
 # The API and the data loaders: (row id, call, exception type, message piece)
 
 API = [
@@ -223,6 +257,191 @@ API = [
      ValueError, "x has 5 rows but y has 4"),
     ("epoch-batches-over-n", lambda w: data.epoch_batches(jax.random.key(0), X, Y, 6),
      ValueError, "batch_size 6 exceeds the 5 examples"),
+    # nets: every layer kind's bad fields, named by layer (1-based) and kind
+    ("net-dense-zero-features", lambda w: _net([L.Dense(0)]), L.LayerError,
+     "Net: layer 1 (dense): features must be a positive int, got 0"),
+    ("net-conv-negative-features", lambda w: _net([L.Conv(-2, (3,)), L.Flatten(), L.Dense(2)],
+                                                  (8, 1)),
+     L.LayerError, "layer 1 (conv): features must be a positive int, got -2"),
+    ("net-conv-zero-kernel", lambda w: _net([L.Conv(2, (0,)), L.Flatten(), L.Dense(2)], (8, 1)),
+     L.LayerError,
+     "layer 1 (conv): kernel_size must be a positive int or a tuple of them, got (0,)"),
+    ("net-conv-3d-kernel", lambda w: _net([L.Conv(2, (3, 3, 3)), L.Flatten(), L.Dense(2)], (8, 1)),
+     L.LayerError, "layer 1 (conv): kernel_size must be a tuple of 1 (1-D) or 2 (2-D) positive "
+                   "ints, got (3, 3, 3)"),
+    ("net-conv-strides-length", lambda w: _net([L.Conv(2, (3, 3), (1, 2, 1)), L.Flatten(),
+                                                L.Dense(2)], (4, 4, 1)),
+     L.LayerError, "layer 1 (conv): strides must have 2 entries, got (1, 2, 1)"),
+    ("net-conv-unknown-padding", lambda w: _net([L.Conv(2, (3,), padding="FULL"), L.Flatten(),
+                                                 L.Dense(2)], (8, 1)),
+     L.LayerError, "layer 1 (conv): padding must be 'SAME', 'VALID' or (lo, hi) pairs, got 'FULL'"),
+    ("net-conv-negative-padding", lambda w: _net([L.Conv(2, (3,), padding=((1, -1),)), L.Flatten(),
+                                                  L.Dense(2)], (8, 1)),
+     L.LayerError, "layer 1 (conv): padding must be 'SAME', 'VALID' or 1 (lo, hi) pairs of ints "
+                   ">= 0, got ((1, -1),)"),
+    ("net-conv-stride-does-not-fit", lambda w: _net([L.Conv(2, (3,), 9, "VALID"), L.Flatten(),
+                                                     L.Dense(2)], (4, 1)),
+     L.LayerError, "layer 1 (conv): stride 9 does not fit the padded input of size 4"),
+    ("net-conv-kernel-does-not-fit", lambda w: _net([L.Conv(2, (5,), padding="VALID"),
+                                                     L.Flatten(), L.Dense(2)], (4, 1)),
+     L.LayerError, "layer 1 (conv): kernel 5 does not fit the padded input of size 4"),
+    ("net-dropout-rate-one", lambda w: _net([L.Dense(3), L.Dropout(1.0), L.Dense(2)]),
+     L.LayerError, "layer 2 (dropout): rate (the drop probability) must be a number in [0, 1), "
+                   "got 1.0"),
+    ("net-dropout-rate-negative", lambda w: _net([L.Dropout(-0.1), L.Dense(2)]), L.LayerError,
+     "layer 1 (dropout): rate (the drop probability) must be a number in [0, 1), got -0.1"),
+    ("net-batch-norm-momentum-one", lambda w: _net([L.BatchNorm(momentum=1.0), L.Dense(2)]),
+     L.LayerError, "layer 1 (batch_norm): momentum must be a number in [0, 1), got 1.0"),
+    ("net-batch-norm-momentum-negative", lambda w: _net([L.BatchNorm(momentum=-0.5), L.Dense(2)]),
+     L.LayerError, "layer 1 (batch_norm): momentum must be a number in [0, 1), got -0.5"),
+    ("net-batch-norm-eps-zero", lambda w: _net([L.Dense(3), L.BatchNorm(eps=0.0), L.Dense(2)]),
+     L.LayerError, "layer 2 (batch_norm): eps must be a finite number > 0, got 0.0"),
+    ("net-layer-norm-eps-negative", lambda w: _net([L.LayerNorm(eps=-1e-5), L.Dense(2)]),
+     L.LayerError, "layer 1 (layer_norm): eps must be a finite number > 0, got -1e-05"),
+    ("net-max-pool-does-not-divide", lambda w: _net([L.MaxPool((2,)), L.Flatten(), L.Dense(2)],
+                                                    (5, 1)),
+     L.LayerError, "layer 1 (max_pool): window 2 with stride 2 does not divide the input size 5"),
+    ("net-avg-pool-does-not-divide", lambda w: _net([L.AvgPool((2, 2), (1, 3)), L.Flatten(),
+                                                     L.Dense(2)], (4, 4, 1)),
+     L.LayerError, "layer 1 (avg_pool): window 2 with stride 3 does not divide the input size 4"),
+    ("net-pool-zero-stride", lambda w: _net([L.MaxPool((2,), (0,)), L.Flatten(), L.Dense(2)],
+                                            (4, 1)),
+     L.LayerError,
+     "layer 1 (max_pool): strides must be a positive int or a tuple of them, got (0,)"),
+    ("net-conv-after-flatten", lambda w: _net([L.Flatten(), L.Conv(2, (3, 3)), L.Flatten(),
+                                               L.Dense(2)], (4, 4, 1)),
+     L.LayerError, "layer 2 (conv): a 2-D convolution needs per-example inputs of shape (height, "
+                   "width, channels), got (16,)"),
+    ("net-dense-on-3d-input", lambda w: _net([L.Conv(2, (3, 3)), L.Dense(3), L.Flatten(),
+                                              L.Dense(2)], (4, 4, 1)),
+     L.LayerError, "layer 2 (dense): needs a vector input (batch, features), got per-example "
+                   "shape (4, 4, 2); put a Flatten() before it"),
+    ("net-branch-changes-more-than-the-last-axis", lambda w: _net(
+        [L.Residual((L.Conv(3, (3,), strides=2),)), L.Flatten(), L.Dense(2)], (8, 2)),
+     L.LayerError, "layer 1 (residual): the branch maps per-example shape (8, 2) to (4, 3); a "
+                   "projection can only change the last axis"),
+    ("net-bad-layer-in-branch", lambda w: _net([L.Dense(3), L.Residual((L.Dropout(1.5),)),
+                                                L.Dense(2)]),
+     L.LayerError, "layer 2 (residual): branch layer 1 (dropout): rate (the drop probability) "
+                   "must be a number in [0, 1), got 1.5"),
+    ("net-residual-nan-alpha", lambda w: _net([L.Residual((L.Dense(4),), math.nan), L.Dense(2)]),
+     L.LayerError, "layer 1 (residual): alpha must be a finite number, got nan"),
+    ("net-reshape-wrong-size", lambda w: _net([L.Reshape((4, 2)), L.Flatten(), L.Dense(2)], 6),
+     L.LayerError, "layer 1 (reshape): cannot reshape per-example shape (6,) (6 entries) to (4, 2) "
+                   "(8 entries)"),
+    ("net-unknown-activation", lambda w: _net([L.Dense(3, "swish"), L.Dense(2)]), L.LayerError,
+     "layer 1 (dense): unknown activation 'swish'; expected one of ['gelu'"),
+    ("net-unknown-activation-layer", lambda w: _net([L.Dense(3), L.Activation("swish"),
+                                                     L.Dense(2)]),
+     L.LayerError, "layer 2 (activation): unknown activation 'swish'"),
+    ("net-last-layer-not-a-vector", lambda w: _net([L.Conv(2, (3,))], (4, 2)), L.LayerError,
+     "layer 1 (conv) outputs per-example shape (4, 2), but the loss needs a vector (batch, n): "
+     "end with Flatten() and Dense(n)"),
+    ("net-squashed-logits", lambda w: _net([L.Dense(3), L.Dense(2, "sigmoid")]), L.LayerError,
+     "loss='softmax_cross_entropy' applies its own softmax/sigmoid to the logits, so layer 2 "
+     "(dense) must have activation 'identity', got 'sigmoid'"),
+    ("net-squashed-logits-bce", lambda w: _net([L.Dense(2, "tanh")],
+                                               loss="sigmoid_binary_cross_entropy"),
+     L.LayerError, "so layer 1 (dense) must have activation 'identity', got 'tanh'"),
+    ("net-no-layers", lambda w: _net([]), L.LayerError,
+     "layers must be a non-empty sequence of fnbp.layers kinds, got ()"),
+    ("net-not-a-layer", lambda w: _net([L.Dense(3), "relu", L.Dense(2)]), L.LayerError,
+     "layer 2: expected an fnbp.layers kind (Dense, Conv, BatchNorm, …), got str"),
+    ("net-bad-input-shape", lambda w: _net([L.Dense(2)], (4, 0)), ValueError,
+     "Net: input_shape must be a positive int or a tuple of them, got (4, 0)"),
+    # nets: the mode, the state and the key
+    ("net-missing-train-batch-norm", lambda w: fnbp.loss(_np(), NET, X, Y,
+                                                         state=fnbp.init_state(NET)),
+     ValueError, "loss: the net's layer 2 (batch_norm) behaves differently in training and "
+                 "evaluation; pass train=True or train=False"),
+    ("net-missing-train-dropout", lambda w: fnbp.backprop(_np(DROPOUT), DROPOUT, X, Y),
+     ValueError, "backprop: the net's layer 2 (dropout) behaves differently in training and "
+                 "evaluation; pass train=True or train=False"),
+    ("net-train-not-a-bool", lambda w: fnbp.loss(_np(), NET, X, Y, state=fnbp.init_state(NET),
+                                                 train="yes"),
+     TypeError, "loss: train must be True, False or None, got 'yes'"),
+    ("net-missing-state", lambda w: fnbp.forward(_np(), NET, X), ValueError,
+     "forward: the net's layer 2 (batch_norm) keeps running statistics; pass state= "
+     "(fnbp.init_state(net) to start"),
+    ("net-missing-state-train", lambda w: fnbp.backprop(_np(), NET, X, Y, train=True,
+                                                        key=jax.random.key(0)),
+     ValueError, "backprop: the net's layer 2 (batch_norm) keeps running statistics; pass state="),
+    ("net-missing-key", lambda w: fnbp.backprop(_np(), NET, X, Y, state=fnbp.init_state(NET),
+                                                train=True),
+     ValueError, "backprop: the net's layer 3 (dropout) drops units in train mode; pass key= (a "
+                 "PRNG key"),
+    ("net-missing-key-in-branch", lambda w: fnbp.loss(_np(BRANCH), BRANCH, X, Y, train=True),
+     ValueError, "loss: the net's layer 1 (residual) branch layer 2 (dropout) drops units in train "
+                 "mode; pass key="),
+    ("per-example-train-batch-norm", lambda w: fnbp.per_example_grads(
+        _np(), NET, X, Y, state=fnbp.init_state(NET), key=jax.random.key(0), train=True),
+     ValueError, "per_example_grads: the net's layer 2 (batch_norm) couples the examples of a "
+                 "batch in train mode"),
+    # nets: params and state that do not fit
+    ("net-params-wrong-shape", lambda w: _eval(fnbp.backprop, params=_replace(
+        _np(), 1, {"gamma": jnp.ones(5), "beta": jnp.zeros(6)})),
+     ValueError, "params[1]['gamma'] (layer 2, batch_norm) must have shape (6,), got (5,)"),
+    ("net-params-missing-key", lambda w: _eval(fnbp.loss, params=_replace(
+        _np(), 1, {"gamma": jnp.ones(6)})),
+     ValueError, "params[1] (layer 2, batch_norm) must have the structure {'beta': array, "
+                 "'gamma': array}, got {'gamma': array}"),
+    ("net-params-missing-branch-layer", lambda w: _eval(fnbp.backprop, params=_replace(
+        _np(), 3, {"branch": _np()[3]["branch"][:1]})),
+     ValueError, "params[3] (layer 4, residual) must have the structure {'branch': [{'W': array, "
+                 "'b': array}, {}]}, got {'branch': [{'W': array, 'b': array}]}"),
+    ("net-params-for-a-param-free-layer", lambda w: _eval(fnbp.backprop, params=_replace(
+        _np(), 2, {"W": jnp.ones(3)})),
+     ValueError, "params[2] (layer 3, dropout) must have the structure {}, got {'W': array}"),
+    ("net-params-int-dtype", lambda w: _eval(fnbp.backprop, params=_replace(
+        _np(), 1, {"gamma": jnp.ones(6, jnp.int32), "beta": jnp.zeros(6)})),
+     TypeError, "params[1]['gamma'] (layer 2, batch_norm) must be a floating array, got int32"),
+    ("net-params-count", lambda w: _eval(fnbp.backprop, params=_np()[:4]), ValueError,
+     "params has 4 entries but the net has 5 layers"),
+    ("net-params-of-an-mlp", lambda w: _eval(fnbp.loss, params=_params()), ValueError,
+     "params has 2 entries but the net has 5 layers"),
+    ("net-state-wrong-shape", lambda w: _eval(fnbp.loss, state=_replace(
+        fnbp.init_state(NET), 1, {"mean": jnp.zeros(5), "var": jnp.ones(6)})),
+     ValueError, "state[1]['mean'] (layer 2, batch_norm) must have shape (6,), got (5,)"),
+    ("net-state-missing-key", lambda w: _eval(fnbp.loss, state=_replace(
+        fnbp.init_state(NET), 1, {"mean": jnp.zeros(6)})),
+     ValueError, "state[1] (layer 2, batch_norm) must have the structure {'mean': array, 'var': "
+                 "array}, got {'mean': array}"),
+    ("net-state-missing-branch", lambda w: _eval(fnbp.loss, state=_replace(
+        fnbp.init_state(NET), 3, {})),
+     ValueError, "state[3] (layer 4, residual) must have the structure {'branch': [{}, {}]}, "
+                 "got {}"),
+    ("net-state-count", lambda w: _eval(fnbp.loss, state=fnbp.init_state(NET)[:2]),
+     ValueError, "state has 2 entries but the net has 5 layers"),
+    ("net-state-not-a-list", lambda w: _eval(fnbp.loss, state={"mean": jnp.zeros(6)}),
+     TypeError, "state must be a list aligned with the net's layers (from fnbp.init_state), got "
+                "dict"),
+    ("net-x-wrong-shape", lambda w: fnbp.forward(_np(CNN), CNN, X), ValueError,
+     "x must have shape (batch, 4, 4, 1) for the net's input_shape (4, 4, 1), got (5, 4)"),
+    # nets: JSON
+    ("net-json-invalid", lambda w: _from_file(w, "net-not-json.json"), ValueError,
+     "net spec is not valid JSON"),
+    ("net-json-not-text", lambda w: fnbp.Net.from_json(None), ValueError,
+     "net spec is not valid JSON (the JSON object must be str"),
+    ("net-json-unknown-kind", lambda w: _from_file(w, "net-unknown-kind.json"), L.LayerError,
+     "layer 2: unknown kind 'attention'; expected one of ['activation', 'avg_pool'"),
+    ("net-json-unknown-field", lambda w: _from_file(w, "net-unknown-field.json"), L.LayerError,
+     "layer 1 (dense): unknown field 'widht'; expected some of ['activation', 'features', "
+     "'use_bias']"),
+    ("net-json-unknown-field-in-branch", lambda w: fnbp.Net.from_json(_net_json(
+        [{"kind": "residual", "branch": [{"kind": "dense", "features": 64, "bias": True}]},
+         DENSE10])),
+     L.LayerError, "layer 1 (residual) branch layer 1 (dense): unknown field 'bias'"),
+    ("net-json-missing-field", lambda w: fnbp.Net.from_json(_net_json([{"kind": "dense"}])),
+     L.LayerError, "layer 1 (dense): missing field 'features'; a dense needs ['features']"),
+    ("net-json-bad-field", lambda w: _from_file(w, "net-zero-features.json"), L.LayerError,
+     "Net: layer 1 (dense): features must be a positive int, got 0"),
+    ("net-json-layer-not-an-object", lambda w: fnbp.Net.from_json(_net_json([DENSE10, 3])),
+     L.LayerError, "layer 2: expected an object with a 'kind', got 3"),
+    ("net-json-unknown-net-field", lambda w: fnbp.Net.from_json(json.dumps(
+        {"kind": "net", "input_shape": [4], "layers": [DENSE10], "optimizer": "adam"})),
+     ValueError, "net spec: unknown field 'optimizer'"),
+    ("net-json-not-a-net", lambda w: fnbp.Net.from_json('{"kind": "mlp", "sizes": [4, 3]}'),
+     ValueError, 'a net spec must be an object with "kind": "net", got'),
 ]  # fmt: skip
 
 

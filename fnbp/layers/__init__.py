@@ -68,6 +68,17 @@ def from_dict(d, where: str = "layer") -> Layer:
         raise LayerError(
             f"{where} ({kind}): unknown field {unknown[0]!r}; expected some of {sorted(names)}"
         )
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in fields
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise LayerError(
+            f"{where} ({kind}): missing field {missing[0]!r}; a {kind} needs {missing}"
+        )
     if cls is Residual and isinstance(fields.get("branch"), list):
         fields["branch"] = tuple(
             from_dict(b, f"{where} ({kind}) branch layer {j}")

@@ -42,9 +42,10 @@ def int_tuple(name: str, v, length: int | None = None) -> tuple[int, ...]:
     """``v`` (an int or a sequence of ints, each ≥ 1) as a tuple, of ``length`` entries."""
     if isinstance(v, int) and not isinstance(v, bool):
         v = (v,) * (length or 1)
-    if not isinstance(v, (tuple, list)) or not v:
+    if (not isinstance(v, (tuple, list)) or not v
+            or any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in v)):  # fmt: skip
         raise LayerError(f"{name} must be a positive int or a tuple of them, got {v!r}")
-    v = tuple(positive_int(name, e) for e in v)
+    v = tuple(v)
     if length is not None and len(v) != length:
         raise LayerError(f"{name} must have {length} entries, got {v!r}")
     return v
