@@ -6,9 +6,9 @@
   MLP. Do not edit them to follow the library; they are the record of what an MLP computed.
 * NumPy loop implementations of convolution (direct sum and im2col with an explicit scatter),
   pooling and normalization, the independent witnesses for the local rules.
-* The autodiff reference of one layer's rule (``jax.vjp`` of its forward) and central finite
-  differences of the NumPy forwards; and, to run the code under test with one compile instead
-  of many eager ops, the layer's own forward and rule jitted as a unit.
+* The autodiff reference of one layer's rule (``jax.vjp`` of its forward), run beside the rule
+  itself in one jitted program (:func:`layer_rule`), and central finite differences of the
+  NumPy forwards.
 """
 
 from __future__ import annotations
@@ -114,23 +114,43 @@ def old_init_params(key, model, scheme="he_normal", *, dtype=jnp.float32):
 # Autodiff reference and comparisons.
 
 
+class Run(NamedTuple):
+    """One layer run forward and back on ``δ``: what the code under test returns (``z``,
+    ``state``, ``grads``, ``back``, ``inner``) beside the autodiff reference
+    ``(vjp_grads, vjp_back) = ∂⟨δ, z⟩/∂(p, x)`` by ``jax.vjp`` of the layer's own forward."""
+
+    z: jax.Array
+    state: dict
+    grads: dict
+    back: jax.Array
+    inner: object
+    vjp_grads: dict
+    vjp_back: jax.Array
+
+
 @functools.partial(jax.jit, static_argnames="train")
-def layer_rule(layer, p, s, x, mask, train, delta, l2=0.0):
-    """The code under test, jitted as a unit (one compile, not many eager ops): the layer's
-    forward and then its local rule on what the forward stored. Returns
-    ``(z, new_state, grads, back, inner)``."""
+def layer_rule(layer, p, s, x, mask, train, delta, l2=0.0) -> Run:
+    """The layer's forward, then its local rule on what the forward stored, and beside them
+    ``jax.vjp`` of the forward (the reference, without the L2 term ``λW``). Jitted as one
+    program: a single compile per configuration instead of many eager ops (``layer`` is a
+    static pytree)."""
     z, cache, new_state = layer.forward(p, s, x, mask, train)
     grads, back, inner = layer.backward(p, x, cache, delta, l2)
-    return z, new_state, grads, back, inner
+    _, pullback = jax.vjp(lambda p, x: layer.forward(p, s, x, mask, train)[0], p, x)
+    return Run(z, new_state, grads, back, inner, *pullback(delta))
 
 
 @functools.partial(jax.jit, static_argnames="train")
-def vjp_rule(layer, p, s, x, mask, train, delta):
-    """``(∂⟨δ, z⟩/∂p, ∂⟨δ, z⟩/∂x)`` by ``jax.vjp`` of the layer's own forward: the autodiff
-    reference for ``layer.backward`` (l2 = 0). Jitted (one compile instead of many eager ops);
-    ``layer`` is a static pytree."""
-    _, pullback = jax.vjp(lambda p, x: layer.forward(p, s, x, mask, train)[0], p, x)
-    return pullback(delta)
+def mixed_rule(layer, p, s, x, mask, train, delta):
+    """Mixed precision as the engine runs a layer: the forward with the params cast to the
+    compute dtype (that of ``x``), the rule with the master params beside ``x`` and ``δ`` in the
+    compute dtype. Returns ``(z, state, grads, back, cached)``, ``cached`` the arrays the
+    forward stored."""
+    low = jax.tree.map(lambda v: v.astype(x.dtype), p)
+    z, cache, new_state = layer.forward(low, s, x, mask, train)
+    grads, back, _ = layer.backward(p, x, cache, delta, 0.0)
+    cached = [c for c in jax.tree.leaves(cache) if isinstance(c, jax.Array)]
+    return z, new_state, grads, back, cached
 
 
 def random_params(layer, in_shape, rng, dtype=np.float64, scale=0.5):

@@ -3,6 +3,7 @@ random sequence of every kind, ``act_backward``'s exact zeros, masks as a pure f
 key, and the MLP path bit for bit equal to the frozen backprop of before the engine
 (``tests/oracles.py``)."""
 
+import functools
 import importlib
 
 import chex
@@ -59,17 +60,15 @@ def _net_inputs(seed=0, dtype=np.float64):
     return params, state, masks, x, delta
 
 
-_hand = jax.jit(
-    lambda params, state, masks, x, delta, l2, train: backward_seq(
+@functools.partial(jax.jit, static_argnames="train")
+def _both(params, state, masks, x, delta, l2, train):
+    """The hand-written loop, ``(grads, deltas, ∂L/∂x)`` by :func:`backward_seq` after
+    :func:`forward_seq`, and beside it the reference ``(∂⟨δ, z_last⟩/∂params, ∂/∂x,
+    ∂/∂offsets)`` by ``jax.vjp`` of the forward loop with zero offsets added to every z (the
+    last are the deltas), without the L2 term. One program: one compile per mode."""
+    hand = backward_seq(
         NET.layers, params, forward_seq(NET.layers, params, state, x, masks, train), delta, l2
-    ),
-    static_argnames=("l2", "train"),
-)
-
-
-def _vjp(params, state, masks, x, delta, train):
-    """``(∂⟨δ, z_last⟩/∂params, ∂/∂x, ∂/∂offsets)`` by ``jax.vjp`` of the forward loop, with
-    zero offsets added to every z: the last are the deltas."""
+    )
     zeros = [
         jnp.zeros((BATCH, *layer.out_shape(s)))
         for layer, s in zip(NET.layers, NET.in_shapes, strict=True)
@@ -78,18 +77,16 @@ def _vjp(params, state, masks, x, delta, train):
     def last_z(params, x, offsets):
         return forward_seq(NET.layers, params, state, x, masks, train, offsets).z[-1]
 
-    return jax.vjp(last_z, params, x, zeros)[1](delta)
-
-
-_vjp = jax.jit(_vjp, static_argnames="train")
+    return hand, jax.vjp(last_z, params, x, zeros)[1](delta)
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_backward_seq_equals_jax_vjp_of_forward_seq_on_every_kind(train, x64):
     params, state, masks, x, delta = _net_inputs()
     masks = masks if train else no_masks(NET.layers)
-    grads, deltas, back = _hand(params, state, masks, x, delta, 0.0, train)
-    g_ref, back_ref, d_ref = _vjp(params, state, masks, x, delta, train)
+    (grads, deltas, back), (g_ref, back_ref, d_ref) = _both(
+        params, state, masks, x, delta, 0.0, train
+    )
     outer = [d["out"] if isinstance(d, dict) else d for d in deltas]
     # float64, eight layers each rounding at ~1e-16 of O(1) terms: 1e-11 relative leaves room
     # for the depth, 1e-14 absolute for a leaf that is a cancellation of O(1) terms (BN's γ
@@ -102,15 +99,20 @@ def test_backward_seq_equals_jax_vjp_of_forward_seq_on_every_kind(train, x64):
 
 def test_l2_decays_every_weight_leaf_and_nothing_else(x64):
     params, state, masks, x, delta = _net_inputs(seed=1)
-    g0 = _hand(params, state, masks, x, delta, 0.0, True)[0]
-    g1 = _hand(params, state, masks, x, delta, 0.5, True)[0]
+    g0 = _both(params, state, masks, x, delta, 0.0, True)[0][0]
+    g1 = _both(params, state, masks, x, delta, 0.5, True)[0][0]  # λ traced: the same program
 
-    def expected(path, w, a, b):  # conv/dense W and the projection P: + λW; the rest unchanged
+    def expected(path, w, a):  # conv/dense W and the projection P: + λW; the rest unchanged
         name = jax.tree_util.keystr(path)
         return a + 0.5 * w if name.endswith(("['W']", "['P']")) else a
 
-    want = jax.tree_util.tree_map_with_path(expected, params, g0, g1)
+    want = jax.tree_util.tree_map_with_path(expected, params, g0)
     assert_rel_close(g1, want, 1e-14)
+    assert sum(k.endswith(("['W']", "['P']")) for k in _paths(params)) == 5  # each one seen
+
+
+def _paths(tree):
+    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def test_act_backward_passes_exactly_zero_where_the_slope_is_zero_even_for_infinities():
@@ -195,32 +197,26 @@ MLPS = [
     fnbp.MLP((20, 32, 24, 6), "gelu", "sigmoid_binary_cross_entropy"),
     fnbp.MLP((784, 16, 16, 10), "sigmoid", "mse", "softplus"),
 ]
-# each MLP in float32 and in bfloat16 mixed precision, one of them with λ = 0 (the literal-0
-# path), the other with λ > 0, alternating
-MLP_CASES = [
-    (m, dtype, l2)
-    for j, m in enumerate(MLPS)
-    for dtype, l2 in ((None, 1e-3 * (j % 2)), (jnp.bfloat16, 1e-3 * (1 - j % 2)))
-]
 
 
-@pytest.mark.parametrize(
-    "model, compute_dtype, l2",
-    MLP_CASES,
-    ids=[f"{m.activation}-{m.loss}-{'bf16' if d else 'f32'}-l2={l2}" for m, d, l2 in MLP_CASES],
-)
-def test_mlp_backprop_is_bitwise_the_frozen_old_backprop(model, compute_dtype, l2):
+@pytest.mark.parametrize("model", MLPS, ids=[f"{m.activation}-{m.loss}" for m in MLPS])
+def test_mlp_backprop_is_bitwise_the_frozen_old_backprop(model):
     params = _mlp_params(model, seed=3)
     x, y = _mlp_data(model, 32, seed=4)
+    # float32 and bfloat16 mixed precision, one with λ = 0 (the literal-0 path), one with λ > 0
+    cases = ((None, 0.0), (jnp.bfloat16, 1e-3))
     # one jit boundary: both compile into one program, where equal computations are equal
     # bit for bit (compiled apart, fusion choices alone move float32 results by ~3e-8)
     both = jax.jit(
-        lambda p, x, y: (
-            old_backprop(p, model, x, y, l2, compute_dtype),
-            backprop_module._backprop(p, model, x, y, l2, compute_dtype),
-        )
+        lambda p, x, y: [
+            (
+                old_backprop(p, model, x, y, l2, dtype),
+                backprop_module._backprop(p, model, x, y, l2, dtype),
+            )
+            for dtype, l2 in cases
+        ]
     )
-    old, new = both(params, x, y)
-    assert new.state is None
-    chex.assert_trees_all_equal(tuple(old), tuple(new[:5]))
-    chex.assert_trees_all_equal_shapes_and_dtypes(new.grads, params)
+    for (dtype, _), (old, new) in zip(cases, both(params, x, y), strict=True):
+        assert new.state is None
+        chex.assert_trees_all_equal(tuple(old), tuple(new[:5]), custom_message=f"compute {dtype}")
+        chex.assert_trees_all_equal_shapes_and_dtypes(new.grads, params)

@@ -18,10 +18,11 @@ from jax import lax
 from oracles import (
     assert_rel_close,
     central_fd,
+    layer_rule,
+    mixed_rule,
     np_conv,
     np_conv_backward_im2col,
     np_pads,
-    vjp_rule,
 )
 
 from fnbp.layers import Conv
@@ -29,7 +30,8 @@ from fnbp.layers import Conv
 # (input spatial size, kernel, strides, padding): 1-D and 2-D; strides 1, 2, 3; SAME, VALID and
 # explicit asymmetric padding; non-square kernels; sizes the stride does not divide; and
 # (9, k 2, s 3) / (7, k 3, s 3, pad (0, 3)), where the last rows of the padded input are read by
-# no window (the rule must crop them).
+# no window (the rule must crop them); padding wider than the kernel (3 > k − 1); a kernel
+# taller than the input (2 rows, k 3, SAME).
 CASES = [
     ((7,), (3,), (1,), "SAME"),
     ((8,), (3,), (2,), "SAME"),
@@ -37,11 +39,13 @@ CASES = [
     ((9,), (2,), (3,), "VALID"),
     ((9,), (2,), (2,), ((2, 1),)),
     ((7,), (3,), (3,), ((0, 3),)),
+    ((6,), (2,), (2,), ((3, 0),)),
     ((7, 6), (3, 2), (1, 1), "SAME"),
     ((8, 7), (3, 3), (2, 2), "SAME"),
     ((7, 9), (2, 3), (3, 2), "VALID"),
     ((6, 7), (3, 2), (2, 3), ((1, 2), (0, 1))),
     ((5, 5), (1, 3), (3, 1), ((2, 0), (1, 1))),
+    ((2, 5), (3, 3), (1, 2), "SAME"),
 ]
 IDS = [f"{len(k)}d-n{n}-k{k}-s{s}-{p}" for n, k, s, p in CASES]
 B, C_IN, C_OUT = 2, 2, 3
@@ -65,47 +69,44 @@ def _setup(case, seed=0, use_bias=True, dtype=np.float64):
 
 
 @functools.cache
-def _rule(case, use_bias=True):
-    """``(layer, p, x, δ, pads, grads, back)`` for a case, the rule run once in float64 (each
-    witness below compares with the same numbers)."""
+def _run(case, use_bias=True):
+    """``(layer, p, x, δ, pads, run)`` for a case: the forward, the rule and jax.vjp run once,
+    in float64, in one compiled program; each witness below compares with the same numbers."""
     layer, p, x, delta, pads = _setup(case, seed=1, use_bias=use_bias)
     with jax.enable_x64(True):
-        grads, back, inner = jax.jit(layer.backward)(p, x, None, delta, 0.0)
-    assert inner is None
-    return layer, p, x, delta, pads, jax.tree.map(np.asarray, grads), np.asarray(back)
+        run = jax.tree.map(np.asarray, layer_rule(layer, p, {}, x, None, False, delta))
+    return layer, p, x, delta, pads, run
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_forward_equals_a_numpy_loop_convolution(case, x64):
-    layer, p, x, _, pads = _setup(case)
-    z, cache, state = layer.forward(jax.tree.map(jnp.asarray, p), {}, jnp.asarray(x), None, False)
-    want = np_conv(x, p["W"], p["b"], case[2], pads)
-    assert z.shape == (B, *layer.out_shape(x.shape[1:]))
-    assert_rel_close(z, want, RTOL, "z")
+def test_forward_equals_a_numpy_loop_convolution(case):
+    layer, p, x, _, pads, run = _run(case)
+    assert run.z.shape == (B, *layer.out_shape(x.shape[1:]))
+    assert_rel_close(run.z, np_conv(x, p["W"], p["b"], case[2], pads), RTOL, "z")
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[3] == "SAME"], ids=lambda c: str(c))
 def test_same_padding_gives_the_output_of_lax_same(case, x64):
     # lax derives its own "SAME" padding: an independent check of fnbp's derivation
-    layer, p, x, _, _ = _setup(case)
-    z = layer.forward(p, {}, x, None, False)[0]
+    layer, p, x, _, _, run = _run(case)
     spec = ("NWC", "WIO", "NWC") if len(case[1]) == 1 else ("NHWC", "HWIO", "NHWC")
     want = lax.conv_general_dilated(x, p["W"], case[2], "SAME", dimension_numbers=spec)
     want = want + p["b"].reshape((1,) * (want.ndim - 1) + (-1,))
-    assert_rel_close(z, want, RTOL, "z")
+    assert_rel_close(run.z, want, RTOL, "z")
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_backward_equals_a_numpy_im2col_computation(case):
-    layer, p, x, delta, pads, grads, back = _rule(case)
+    layer, p, x, delta, pads, run = _run(case)
     dW, db, dx = np_conv_backward_im2col(x, p["W"], delta, case[2], pads)
-    assert_rel_close(grads, {"W": dW, "b": db}, RTOL, "grads")
-    assert_rel_close(back, dx, RTOL, "back")
+    assert run.inner is None
+    assert_rel_close(run.grads, {"W": dW, "b": db}, RTOL, "grads")
+    assert_rel_close(run.back, dx, RTOL, "back")
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_backward_equals_central_finite_differences_of_the_numpy_convolution(case):
-    layer, p, x, delta, pads, grads, back = _rule(case)
+    layer, p, x, delta, pads, run = _run(case)
 
     def loss(W, b, x):  # ⟨δ, z⟩: its gradient is what the rule returns
         return np.sum(delta * np_conv(x, W, b, case[2], pads))
@@ -117,35 +118,36 @@ def test_backward_equals_central_finite_differences_of_the_numpy_convolution(cas
         "W": central_fd(lambda W: loss(W, p["b"], x), p["W"], eps),
         "b": central_fd(lambda b: loss(p["W"], b, x), p["b"], eps),
     }
-    assert_rel_close(grads, fd, 1e-9, "grads")
-    assert_rel_close(back, central_fd(lambda v: loss(p["W"], p["b"], v), x, eps), 1e-9, "back")
+    assert_rel_close(run.grads, fd, 1e-9, "grads")
+    fd_x = central_fd(lambda v: loss(p["W"], p["b"], v), x, eps)
+    assert_rel_close(run.back, fd_x, 1e-9, "back")
 
 
 @pytest.mark.parametrize(
-    "case, use_bias", [(c, True) for c in CASES] + [(CASES[9], False)], ids=[*IDS, "no-bias"]
+    "case, use_bias", [(c, True) for c in CASES] + [(CASES[10], False)], ids=[*IDS, "no-bias"]
 )
-def test_backward_equals_jax_vjp(case, use_bias, x64):
+def test_backward_equals_jax_vjp(case, use_bias):
     # the weakest witness for conv (the same XLA program), kept for the structure and dtypes
-    layer, p, x, delta, _, grads, back = _rule(case, use_bias)
-    g_ref, back_ref = vjp_rule(layer, p, {}, x, None, False, delta)
-    assert set(grads) == set(p)
-    assert_rel_close((grads, back), (g_ref, back_ref), RTOL)
+    layer, p, x, delta, _, run = _run(case, use_bias)
+    assert set(run.grads) == set(p)
+    assert_rel_close((run.grads, run.back), (run.vjp_grads, run.vjp_back), RTOL)
 
 
 def test_l2_adds_lambda_w_to_the_kernel_grad_only(x64):
-    layer, p, x, delta, _ = _setup(CASES[7], seed=4)
-    g0, back0, _ = layer.backward(p, x, None, delta, 0.0)
-    g1, back1, _ = layer.backward(p, x, None, delta, 0.25)
-    chex.assert_trees_all_close(g1["W"], g0["W"] + 0.25 * p["W"], rtol=1e-14, atol=1e-14)
-    chex.assert_trees_all_equal((g1["b"], back1), (g0["b"], back0))
+    layer, p, x, delta, _ = _setup(CASES[8], seed=4)
+    r0 = layer_rule(layer, p, {}, x, None, False, delta, 0.0)
+    r1 = layer_rule(layer, p, {}, x, None, False, delta, 0.25)  # λ traced: the same program
+    assert_rel_close(r1.grads["W"], r0.grads["W"] + 0.25 * p["W"], 1e-14)
+    chex.assert_trees_all_equal((r1.grads["b"], r1.back), (r0.grads["b"], r0.back))
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[9]], ids=[IDS[1], IDS[9]])
+@pytest.mark.parametrize("case", [CASES[1], CASES[10]], ids=[IDS[1], IDS[10]])
 def test_mixed_precision_grads_come_in_the_params_dtype_and_back_in_the_compute_dtype(case):
     # the engine hands the rule float32 master params beside bfloat16 activations and δ
     layer, p, x, delta, pads = _setup(case, seed=5, dtype=np.float32)
     x16, d16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(delta, jnp.bfloat16)
-    grads, back, _ = layer.backward(jax.tree.map(jnp.asarray, p), x16, None, d16, 0.0)
+    z, _, grads, back, _ = mixed_rule(layer, p, {}, x16, None, False, d16)
+    assert z.dtype == jnp.bfloat16
     chex.assert_trees_all_equal_shapes_and_dtypes(grads, jax.tree.map(jnp.asarray, p))
     assert back.dtype == jnp.bfloat16 and back.shape == x.shape
     # the float32 sums of bfloat16 products: within bfloat16 rounding of the exact im2col sums

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from oracles import assert_rel_close, layer_rule, np_batch_norm_train, vjp_rule
+from oracles import assert_rel_close, layer_rule, mixed_rule, np_batch_norm_train
 
 from fnbp.layers import BatchNorm, LayerNorm
 
@@ -40,62 +40,62 @@ def _data(shape, seed, dtype=np.float64, gamma=None):
 # BatchNorm
 
 
+# one configuration for most tests (each (layer, shape, mode) compiles once and is shared)
+BN = BatchNorm(momentum=0.8, eps=1e-3)
+
+
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 def test_batch_norm_rule_equals_jax_vjp(shape, train, x64):
-    layer = BatchNorm(momentum=0.8, eps=1e-3)
     x, p, s, delta = _data(shape, seed=0)
-    s = jax.tree.map(lambda v: v.astype(np.float64), s)
-    _, _, grads, back, inner = layer_rule(layer, p, s, x, None, train, delta)
-    g_ref, back_ref = vjp_rule(layer, p, s, x, None, train, delta)
-    assert inner is None
-    assert_rel_close((grads, back), (g_ref, back_ref), RTOL)
+    r = layer_rule(BN, p, s, x, None, train, delta)
+    assert r.inner is None
+    assert_rel_close((r.grads, r.back), (r.vjp_grads, r.vjp_back), RTOL)
 
 
-@pytest.mark.parametrize("momentum", [0.9, 0.3])
-@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@pytest.mark.parametrize(
+    "shape, layer", [*((s, BN) for s in SHAPES), (SHAPES[2], BatchNorm(momentum=0.3, eps=1e-3))]
+)
 def test_batch_norm_train_output_and_new_state_equal_numpy_with_the_biased_variance(
-    shape, momentum, x64
+    shape, layer, x64
 ):
-    layer = BatchNorm(momentum=momentum, eps=1e-4)
     x, p, s, delta = _data(shape, seed=1)
-    z, new, *_ = layer_rule(layer, p, s, x, None, True, delta)
+    r = layer_rule(layer, p, s, x, None, True, delta)
+    m = layer.momentum
     z_np, mean_np, var_np = np_batch_norm_train(
         x, p["gamma"], p["beta"], s["mean"].astype(np.float64), s["var"].astype(np.float64),
-        momentum, 1e-4,
+        m, layer.eps,
     )  # fmt: skip
-    assert_rel_close(z, z_np, RTOL, "z")
+    assert_rel_close(r.z, z_np, RTOL, "z")
     # the state stays float32 (as initialised): agreement to float32 rounding
-    assert new["mean"].dtype == new["var"].dtype == jnp.float32
-    assert_rel_close(new, {"mean": mean_np, "var": var_np}, 1e-6, "state")
+    assert r.state["mean"].dtype == r.state["var"].dtype == jnp.float32
+    assert_rel_close(r.state, {"mean": mean_np, "var": var_np}, 1e-6, "state")
     # the unbiased variance m/(m − 1)·σ² (PyTorch's running var) would miss by far more
     axes = tuple(range(len(shape) - 1))
-    var_unbiased = momentum * s["var"] + (1 - momentum) * x.var(axis=axes, ddof=1)
+    var_unbiased = m * s["var"] + (1 - m) * x.var(axis=axes, ddof=1)
     assert np.max(np.abs(var_unbiased - var_np)) > 1e3 * 1e-6 * np.max(np.abs(var_np))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 def test_batch_norm_eval_uses_running_statistics_and_keeps_the_state(shape, x64):
-    layer = BatchNorm(eps=1e-2)
     x, p, s, delta = _data(shape, seed=2)
-    z, new, grads, back, _ = layer_rule(layer, p, s, x, None, False, delta)
+    r = layer_rule(BN, p, s, x, None, False, delta)
     mean, var = s["mean"].astype(np.float64), s["var"].astype(np.float64)
-    xhat = (x - mean) / np.sqrt(var + 1e-2)
-    assert_rel_close(z, p["gamma"] * xhat + p["beta"], RTOL, "z")
-    chex.assert_trees_all_equal(new, s)
+    xhat = (x - mean) / np.sqrt(var + BN.eps)
+    assert_rel_close(r.z, p["gamma"] * xhat + p["beta"], RTOL, "z")
+    chex.assert_trees_all_equal(r.state, s)
     # eval: the statistics are constants, back = γ r δ (no mean-subtraction terms)
-    assert_rel_close(back, p["gamma"] / np.sqrt(var + 1e-2) * delta, RTOL, "back")
+    assert_rel_close(r.back, p["gamma"] / np.sqrt(var + BN.eps) * delta, RTOL, "back")
     axes = tuple(range(len(shape) - 1))
     want = {"gamma": (delta * xhat).sum(axis=axes), "beta": delta.sum(axis=axes)}
-    assert_rel_close(grads, want, RTOL, "grads")
+    assert_rel_close(r.grads, want, RTOL, "grads")
 
 
 def test_batch_norm_train_back_sums_to_zero_per_channel_over_batch_and_space_only(x64):
     # back = γr(δ − mean δ − x̂ mean(δ x̂)) sums to 0 over exactly the axes the statistics run
     # over (batch and space for a 4-D input), for any δ: the output is shift-invariant there
-    layer = BatchNorm()
-    x, p, s, delta = _data((4, 3, 3, 2), seed=3)
-    back = np.asarray(layer_rule(layer, p, s, x, None, True, delta)[3])
+    x, p, s, delta = _data(SHAPES[2], seed=3)
+    back = np.asarray(layer_rule(BN, p, s, x, None, True, delta).back)
     axes = (0, 1, 2)
     np.testing.assert_array_less(np.abs(back.sum(axes)), 1e-12 * np.abs(back).sum(axes))
     # statistics per spatial position (over the batch only) would also pass the line above,
@@ -105,25 +105,20 @@ def test_batch_norm_train_back_sums_to_zero_per_channel_over_batch_and_space_onl
 
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2]], ids=["2d", "4d"])
 def test_batch_norm_under_bfloat16_keeps_float32_statistics_and_grads(shape):
-    layer = BatchNorm(momentum=0.7)
     x, p, s, delta = _data(shape, seed=4, dtype=np.float32)
     x16, d16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(delta, jnp.bfloat16)
-    p16 = jax.tree.map(lambda v: jnp.asarray(v, jnp.bfloat16), p)  # the forward's cast params
-    z, cache, new = layer.forward(p16, s, x16, None, True)
-    xhat, r, _ = cache
-    assert z.dtype == jnp.bfloat16
+    z, new, grads, back, (xhat, r) = mixed_rule(BN, p, s, x16, None, True, d16)
+    assert z.dtype == back.dtype == jnp.bfloat16
     assert xhat.dtype == r.dtype == new["mean"].dtype == new["var"].dtype == jnp.float32
     # the statistics of the bfloat16 values, computed in float32 (not rounded to bfloat16,
     # which would be off by up to 2⁻⁸ ≈ 4e-3)
-    x_exact = np.asarray(x16, np.float64)
     _, mean_np, var_np = np_batch_norm_train(
-        x_exact, 1.0, 0.0, s["mean"].astype(np.float64), s["var"].astype(np.float64), 0.7, 1e-5
-    )
+        np.asarray(x16, np.float64), 1.0, 0.0, s["mean"].astype(np.float64),
+        s["var"].astype(np.float64), BN.momentum, BN.eps,
+    )  # fmt: skip
     assert_rel_close(new, {"mean": mean_np, "var": var_np}, 1e-6, "state")
-    # the rule gets the float32 master params beside bfloat16 δ: float32 grads, bfloat16 back
-    grads, back, _ = layer.backward(p, x16, cache, d16, 0.0)
+    # the rule gets the float32 master params beside bfloat16 δ: float32 grads
     chex.assert_trees_all_equal_shapes_and_dtypes(grads, jax.tree.map(jnp.asarray, p))
-    assert back.dtype == jnp.bfloat16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,46 +137,43 @@ def _bn_shaped_layer_norm_back(x, gamma, delta, eps):
     return gamma * r * inner
 
 
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("shape", LN_SHAPES, ids=IDS)
+LN = LayerNorm(eps=1e-3)
+# its output does not depend on the mode: eval once, beside train for every shape
+LN_MODES = [(s, True) for s in LN_SHAPES] + [(LN_SHAPES[1], False)]
+
+
+@pytest.mark.parametrize("shape, train", LN_MODES, ids=[*IDS, "3d-eval"])
 def test_layer_norm_rule_equals_jax_vjp_with_random_gamma(shape, train, x64):
-    layer = LayerNorm(eps=1e-3)
     x, p, _, delta = _data(shape, seed=5)
-    _, new, grads, back, inner = layer_rule(layer, p, {}, x, None, train, delta)
-    g_ref, back_ref = vjp_rule(layer, p, {}, x, None, train, delta)
-    assert (new, inner) == ({}, None)
-    assert_rel_close((grads, back), (g_ref, back_ref), RTOL)
+    r = layer_rule(LN, p, {}, x, None, train, delta)
+    assert (r.state, r.inner) == ({}, None)
+    assert_rel_close((r.grads, r.back), (r.vjp_grads, r.vjp_back), RTOL)
 
 
 def test_the_bn_shaped_layer_norm_formula_fails_for_random_gamma_but_passes_at_gamma_one(x64):
     # the trap: a test at init (γ = 1) cannot tell the right rule from the wrong one
-    layer = LayerNorm()
     for gamma, wrong_passes in ((1.0, True), (None, False)):
-        x, p, _, delta = _data((6, 7), seed=6, gamma=gamma)
-        back_ref = vjp_rule(layer, p, {}, x, None, False, delta)[1]
-        wrong = _bn_shaped_layer_norm_back(x, p["gamma"], delta, 1e-5)
-        err = np.max(np.abs(wrong - back_ref)) / np.max(np.abs(back_ref))
+        x, p, _, delta = _data(LN_SHAPES[0], seed=6, gamma=gamma)
+        r = layer_rule(LN, p, {}, x, None, True, delta)
+        wrong = _bn_shaped_layer_norm_back(x, p["gamma"], delta, LN.eps)
+        err = np.max(np.abs(wrong - r.vjp_back)) / np.max(np.abs(r.vjp_back))
         assert (err <= RTOL) == wrong_passes, f"γ = {gamma}: BN-shaped formula off by {err:.2g}"
         if not wrong_passes:
             assert err > 0.05  # not a rounding matter: tens of percent
-        assert_rel_close(layer_rule(layer, p, {}, x, None, False, delta)[3], back_ref, RTOL)
+        assert_rel_close(r.back, r.vjp_back, RTOL)  # while fnbp's rule passes at both
 
 
 @pytest.mark.parametrize("shape", LN_SHAPES, ids=IDS)
 def test_layer_norm_output_equals_numpy_per_example_over_the_last_axis(shape, x64):
     x, p, _, delta = _data(shape, seed=7)
-    z = layer_rule(LayerNorm(eps=1e-3), p, {}, x, None, True, delta)[0]
+    z = layer_rule(LN, p, {}, x, None, True, delta).z
     mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)  # biased
-    assert_rel_close(z, p["gamma"] * (x - mu) / np.sqrt(var + 1e-3) + p["beta"], RTOL)
+    assert_rel_close(z, p["gamma"] * (x - mu) / np.sqrt(var + LN.eps) + p["beta"], RTOL)
 
 
 def test_layer_norm_under_bfloat16_keeps_float32_statistics_and_grads():
-    layer = LayerNorm()
     x, p, _, delta = _data((4, 3, 6), seed=8, dtype=np.float32)
     x16, d16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(delta, jnp.bfloat16)
-    p16 = jax.tree.map(lambda v: jnp.asarray(v, jnp.bfloat16), p)
-    z, cache, _ = layer.forward(p16, {}, x16, None, False)
-    assert z.dtype == jnp.bfloat16 and cache[0].dtype == cache[1].dtype == jnp.float32
-    grads, back, _ = layer.backward(p, x16, cache, d16, 0.0)
+    z, _, grads, back, (xhat, r) = mixed_rule(LN, p, {}, x16, None, False, d16)
+    assert z.dtype == back.dtype == jnp.bfloat16 and xhat.dtype == r.dtype == jnp.float32
     chex.assert_trees_all_equal_shapes_and_dtypes(grads, jax.tree.map(jnp.asarray, p))
-    assert back.dtype == jnp.bfloat16
