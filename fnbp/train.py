@@ -544,9 +544,9 @@ def fit(
     the steps up to the next multiple of ``checkpoint_every`` within the epoch, or to the
     epoch's end (the whole epoch when ``checkpoint_every`` is ``None``). Between chunks, and
     only there, the host reads the chunk's metrics (one transfer per chunk), checks them, saves
-    a checkpoint and asks ``should_stop``. Step ``s`` of an epoch draws its dropout masks from
-    ``fold_in(fold_in(fold_in(key, epoch), 1), s)``: a pure function of the key, the epoch and
-    the step, so a resumed run draws the masks the uninterrupted one drew.
+    a checkpoint and asks ``should_stop``. Step ``s = 0, 1, …`` of an epoch draws its dropout
+    masks from ``fold_in(fold_in(fold_in(key, epoch), 1), s)``: a pure function of the key,
+    the epoch and the step, so a resumed run draws the masks the uninterrupted one drew.
 
     Arguments:
         model, optimizer, params: the spec (an :class:`fnbp.MLP` or :class:`fnbp.Net`), any
@@ -613,10 +613,12 @@ def fit(
         "n_train": len(x_train), "devices": 1 if mesh is None else mesh.size,
     }  # fmt: skip
     folder, found = _open_folder(checkpoint_dir, resume)
-    at = _resume(found, optimizer, model, params, key, settings) if found else _Progress(
-        params, state, optimizer.init(params), 0, [], _empty_partial(len(weight_layers(model))), 0.0
-    )  # fmt: skip
-    saver = _Saver(folder, keep_checkpoints, model, key, config, settings, found[-1:])
+    if found:
+        at = _resume(found, optimizer, model, params, key, settings)
+    else:
+        empty = _empty_partial(len(weight_layers(model)))
+        at = _Progress(params, state, optimizer.init(params), 0, [], empty, 0.0)
+    saver = _Saver(folder, keep_checkpoints, model, key, config, settings, found)
     at, x_train, y_train, batch_sharding = _on_mesh(mesh, at, x_train, y_train)
     run = jax.jit(
         _steps_fn(model, optimizer, batch_size, grads, l2, compute_dtype, batch_sharding,
@@ -678,8 +680,8 @@ def _loop(at, schedule, chunk, evaluate, saver, on_nonfinite, should_stop, show)
     ``chunk(at, epoch, pos, length)`` runs one (guarded) chunk, ``evaluate(params, state)``
     gives an epoch's test metrics, ``show(record)`` reports a finished epoch.
     """
-    start = time.perf_counter()
-    clock = lambda: at.seconds + time.perf_counter() - start  # noqa: E731 (seconds never changes)
+    before, start = at.seconds, time.perf_counter()
+    clock = lambda: before + time.perf_counter() - start  # noqa: E731 (training time so far)
     per_epoch = schedule.steps_per_epoch
     try:
         for epoch, pos, length in schedule.chunks(at.step):
@@ -840,7 +842,7 @@ class _Saver:
     """Writes fit's checkpoints into ``folder`` (nothing when it is ``None``), keeping the
     newest ``keep``; ``last`` is the newest written (or found on resume)."""
 
-    def __init__(self, folder, keep, model, key, config, settings, found):
+    def __init__(self, folder, keep, model, key, config, settings, found: list[Path]):
         self.folder, self.keep, self.model, self.key = folder, keep, model, key
         self.config, self.settings = config, settings
         self.last = found[-1] if found else None

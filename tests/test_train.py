@@ -1,5 +1,6 @@
 """Tests of fnbp/train.py: jitted steps, scan-fused epochs, vmapped populations, fit."""
 
+import functools
 import json
 import os
 import subprocess
@@ -526,3 +527,222 @@ def test_a_finite_step_that_overflows_the_params_is_caught_too(digits, tmp_path)
     params, _, history = _fit(digits, tmp_path / "skip", optimizer=huge, on_nonfinite="skip")
     assert all(np.isfinite(v).all() for v in jax.tree.leaves(params))
     assert history[0]["skipped_steps"] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Nets: a 1-D CNN with BatchNorm, dropout and a residual block (state and masks in every step)
+
+
+def _net():
+    from fnbp.layers import BatchNorm, Conv, Dense, Dropout, Flatten, Residual
+
+    return fnbp.Net((8, 1), [
+        Conv(4, (3,), activation="tanh"),
+        BatchNorm(activation="relu"),
+        Residual((Conv(4, (3,), activation="relu"), BatchNorm(momentum=0.8), Dropout(0.25)),
+                 alpha=0.5),
+        Flatten(),
+        Dropout(0.2),
+        Dense(3),
+    ])  # fmt: skip
+
+
+NET = _net()
+NET_OPTIMIZER = optax.sgd(0.05, momentum=0.9)
+
+
+def _net_data(n=48):
+    """Learnable labels from a random linear teacher (NumPy: no threefry compilation)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 8, 1)).astype(np.float32)
+    y = np.argmax(x[:, :, 0] @ rng.normal(size=(8, 3)), axis=1)
+    return jnp.asarray(x), jnp.asarray(y)
+
+
+def _net_start():
+    params = fnbp.init_params(jax.random.key(1), NET)
+    return params, fnbp.init_state(NET), NET_OPTIMIZER.init(params)
+
+
+# One jitted step and epoch per setting, shared by the tests below (each compile costs seconds).
+_net_step = functools.cache(
+    lambda grads: train.make_train_step(NET, NET_OPTIMIZER, grads=grads, l2=1e-3)
+)
+_net_epoch = functools.cache(
+    lambda: train.make_train_epoch(NET, NET_OPTIMIZER, batch_size=8, l2=1e-3)
+)
+
+
+def test_a_nets_manual_and_autodiff_steps_take_the_same_path_for_20_steps():
+    x, y = _net_data()
+    paths = {}
+    for grads in ("manual", "autodiff"):
+        params, state, opt_state = _net_start()
+        losses = []
+        for i in range(20):
+            batch = slice(8 * i % 40, 8 * i % 40 + 8)
+            params, state, opt_state, m = _net_step(grads)(
+                params, state, opt_state, jax.random.fold_in(jax.random.key(5), i), x[batch],
+                y[batch],
+            )  # fmt: skip
+            losses.append(m["loss"])
+        paths[grads] = (params, state, jnp.stack(losses))
+    # float32: each step's grads and batch statistics agree to ~1e-6 relative (BatchNorm's
+    # 1/σ amplifies rounding a little); 20 momentum steps carry it forward, hence 1e-4.
+    chex.assert_trees_all_close(paths["manual"], paths["autodiff"], rtol=1e-4, atol=1e-5)
+    start, state0, _ = _net_start()
+    assert float(paths["manual"][2][-5:].mean()) < float(paths["manual"][2][:5].mean())
+    # the running statistics moved from their start (0, 1) in both BatchNorm layers
+    assert not np.allclose(paths["manual"][1][1]["mean"], state0[1]["mean"])
+    assert not np.allclose(paths["manual"][1][2]["branch"][1]["var"], 1.0)
+
+
+def test_a_nets_scan_fused_epoch_equals_a_python_loop_of_steps_over_the_same_batches_and_keys():
+    x, y = _net_data(n=45)  # 5 steps of 8, 5 examples sit out
+    key = jax.random.key(7)
+    p_scan, s_scan, _, metrics = _net_epoch()(*_net_start(), key, x, y)
+    assert metrics["loss"].shape == (5,) and metrics["grad_norms"].shape == (5, 3)
+    assert metrics["grads_finite"].shape == (5, 4)  # conv, batch_norm, residual, dense
+    params, state, opt_state = _net_start()
+    losses, mask_key = [], jax.random.fold_in(key, 1)  # step s: masks from fold_in(mask_key, s)
+    for s, (xb, yb) in enumerate(data.batches(key, x, y, 8)):
+        params, state, opt_state, m = _net_step("manual")(
+            params, state, opt_state, jax.random.fold_in(mask_key, s), xb, yb
+        )
+        losses.append(m["loss"])
+    # Same arithmetic, different fusion: float32 rounding only.
+    chex.assert_trees_all_close((p_scan, s_scan), (params, state), rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(metrics["loss"], jnp.stack(losses), rtol=1e-5)
+
+
+def test_a_population_of_3_nets_trains_each_member_as_if_alone():
+    x, y = _net_data(n=45)  # the shapes of the test above: its compiled epoch serves here too
+    params, state, opt_state = _net_start()
+    # three members: init moved by NumPy noise (vmapping init_params would compile a program)
+    rng = np.random.default_rng(1)
+    members = [
+        jax.tree.map(lambda v: v + rng.normal(0, 0.1, v.shape).astype(np.float32), params)
+        for _ in range(3)
+    ]
+    stack = lambda *trees: jax.tree.map(lambda *v: jnp.asarray(np.stack(v)), *trees)  # noqa: E731
+    epoch_keys = jax.random.split(jax.random.key(9), 3)
+    pop_epoch = train.make_population_epoch(NET, NET_OPTIMIZER, batch_size=8, l2=1e-3)
+    pop_params, pop_states, _, pop_metrics = pop_epoch(
+        stack(*members), stack(state, state, state), stack(opt_state, opt_state, opt_state),
+        epoch_keys, x, y,
+    )  # fmt: skip
+    assert pop_metrics["loss"].shape == (3, 5)
+    for member in range(3):
+        p, s, _, m = _net_epoch()(members[member], state, opt_state, epoch_keys[member], x, y)
+        theirs = jax.tree.map(lambda v, i=member: v[i], (pop_params, pop_states))
+        # vmap batches the convolutions and matmuls differently: float32 rounding only.
+        chex.assert_trees_all_close((p, s), theirs, rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(m["loss"], pop_metrics["loss"][member], rtol=1e-5)
+    assert not np.allclose(pop_params[0]["W"][0], pop_params[0]["W"][1])  # three members
+
+
+def _net_fit(folder=None, *, optimizer=NET_OPTIMIZER, epochs=2, **kwargs):
+    """fit of NET: 6 steps of 8 per epoch, a checkpoint every 3 (chunks of one length, so
+    each fit compiles one program)."""
+    x, y = _net_data()
+    params = fnbp.init_params(jax.random.key(1), NET)
+    return train.fit(
+        NET, optimizer, params, x, y, key=jax.random.key(2), epochs=epochs, batch_size=8,
+        x_test=x[:16], y_test=y[:16], checkpoint_dir=folder, checkpoint_every=3,
+        progress=False, **kwargs,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def net_reference(tmp_path_factory):
+    return _net_fit(tmp_path_factory.mktemp("net") / "ref")
+
+
+def test_a_net_fit_stopped_mid_epoch_and_resumed_ends_bitwise_identical(tmp_path, net_reference):
+    with pytest.raises(train.Interrupted) as e:
+        _net_fit(tmp_path, should_stop=_stop_after(3))
+    assert (e.value.step, e.value.epoch) == (9, 1)  # halfway through epoch 2
+    c = fnbp.checkpoint.load_checkpoint(e.value.checkpoint, NET_OPTIMIZER, NET)
+    assert c.step == 9 and c.state[1]["mean"].shape == (4,)
+    resumed = _net_fit(tmp_path, resume=True)
+    # params, running statistics and optimizer state bit for bit: the masks of steps 10-12
+    # are drawn from the key and the step, not from anything the interrupted process held
+    chex.assert_trees_all_equal(resumed[:3], net_reference[:3])
+    assert _without_seconds(resumed[3]) == _without_seconds(net_reference[3])
+    record = net_reference[3][-1]
+    assert len(record["grad_norms"]) == 3 and 0 <= record["test_accuracy"] <= 1  # eval mode ran
+    assert not np.allclose(net_reference[1][1]["var"], 1.0)  # the state trained
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # 1e39 → float32 inf, meant
+def test_the_guard_names_each_layer_of_a_net_by_number_and_kind(tmp_path):
+    """lr 1e39 is inf in float32: step 1's gradient is finite, its update is not, in every
+    layer with params: 1 (conv), 2 (batch_norm), 3 (residual) and 6 (dense), not the
+    flatten (4) or dropout (5) between them."""
+    with pytest.raises(train.NonFiniteError) as e:
+        _net_fit(tmp_path, optimizer=optax.sgd(1e39), epochs=1)
+    assert (e.value.step, e.value.what, e.value.layers) == (1, "params", [1, 2, 3, 6])
+    assert e.value.layer == 1
+    assert (
+        "the update made the params of layer 1 (conv) non-finite (non-finite in layers 1 (conv), "
+        "2 (batch_norm), 3 (residual), 6 (dense) of the model)"
+    ) in str(e.value)
+
+
+def test_fit_refuses_a_state_for_an_mlp_and_a_state_that_does_not_fit_a_net():
+    model, x, y = _toy()
+    params = fnbp.init_params(jax.random.key(1), model)
+    with pytest.raises(ValueError, match="an MLP keeps no state"):
+        train.fit(model, optax.sgd(0.1), params, x, y, key=jax.random.key(0), epochs=1,
+                  batch_size=8, state=[{"mean": 0}] * 2)  # fmt: skip
+    state = fnbp.init_state(NET)
+    state[1] = {"mean": jnp.zeros(5), "var": jnp.ones(5)}
+    x, y = _net_data()
+    with pytest.raises(ValueError, match=r"state\[1\]\['mean'\] \(layer 2, batch_norm\)"):
+        train.fit(NET, optax.sgd(0.1), fnbp.init_params(jax.random.key(1), NET), x, y,
+                  key=jax.random.key(0), epochs=1, batch_size=8, state=state)  # fmt: skip
+
+
+_NET_DATA_PARALLEL = r"""
+import json, jax, numpy as np, optax, fnbp
+from fnbp import train
+from fnbp.layers import BatchNorm, Conv, Dense, Dropout, Flatten, Residual
+net = fnbp.Net((8, 1), [Conv(4, (3,), activation="tanh"), BatchNorm(activation="relu"),
+    Residual((Conv(4, (3,), activation="relu"), BatchNorm(momentum=0.8), Dropout(0.25)),
+             alpha=0.5), Flatten(), Dropout(0.2), Dense(3)])
+rng = np.random.default_rng(0)
+x = rng.normal(size=(48, 8, 1)).astype(np.float32)
+y = np.argmax(x[:, :, 0] @ rng.normal(size=(8, 3)), axis=1)
+params = fnbp.init_params(jax.random.key(1), net)
+out = {"devices": jax.device_count()}
+for n in (1, 4):
+    mesh = None if n == 1 else train.data_mesh(n)
+    p, s, _, h = train.fit(net, optax.sgd(0.05, momentum=0.9), params, x, y,
+                           key=jax.random.key(2), epochs=1, batch_size=16, mesh=mesh,
+                           progress=False)
+    out[n] = {"params": jax.tree.map(lambda v: np.asarray(v).tolist(), p),
+              "state": jax.tree.map(lambda v: np.asarray(v).tolist(), s),
+              "loss": h[-1]["train_loss"],
+              "devices_holding_state": len(s[1]["mean"].sharding.device_set)}
+print(json.dumps(out))
+"""
+
+
+def test_a_nets_data_parallel_fit_on_4_devices_matches_one_device():
+    """BatchNorm's statistics are those of the global batch of 16 (not of each device's 4),
+    and the dropout masks those one device draws (partitionable threefry)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    result = subprocess.run(
+        [sys.executable, "-c", _NET_DATA_PARALLEL], env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 4 and out["4"]["devices_holding_state"] == 4
+    # 3 steps: the 4-way split sums each statistic and gradient in another order, float32
+    # rounding only (per-device statistics or masks would differ at ~1e-2)
+    chex.assert_trees_all_close(
+        (out["4"]["params"], out["4"]["state"]), (out["1"]["params"], out["1"]["state"]),
+        rtol=1e-4, atol=1e-5,
+    )  # fmt: skip
+    assert out["4"]["loss"] == pytest.approx(out["1"]["loss"], rel=1e-5)
