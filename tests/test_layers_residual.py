@@ -26,8 +26,9 @@ BATCH = 5
 
 CASES = {
     "dense-learned-alpha": (Residual((Dense(6, "tanh"), Dense(6)), 0.4, learn_alpha=True), (6,)),
-    "post-activation": (
-        Residual((Dense(6, "relu"), Dense(6, "sigmoid")), alpha=1.3, activation="gelu"), (6,)
+    "post-activation": (  # F ends in a sigmoid (so ∂L/∂α = Σ⟨δ, σ(z)⟩), then a gelu on top
+        Residual((Dense(6, "relu"), Dense(6, "sigmoid")), 1.3, learn_alpha=True, activation="gelu"),
+        (6,),
     ),
     "projection": (Residual((Dense(4, "tanh"), Dense(9)), alpha=0.7), (6,)),
     "norms": (Residual((LayerNorm(), Dense(6, "tanh"), BatchNorm(activation="tanh")), 0.5), (6,)),
