@@ -1,4 +1,5 @@
-"""Test oracles: computations that share nothing with the code under test.
+"""Test oracles (computations that share nothing with the code under test) and the small
+harness that runs a layer's rule beside them.
 
 * A FROZEN copy of the MLP backward pass and init as they were before the generic engine
   (``git show 9edf5f9:fnbp/backprop.py``, ``:fnbp/model.py``, ``:fnbp/initializers.py``, the
