@@ -104,8 +104,11 @@ def _fits(layer, shape) -> bool:
     return True
 
 
-def _norm_or_dropout(draw, acts):
-    kind = draw(st.sampled_from(["batch_norm", "layer_norm", "dropout", "activation"]))
+_NORMS = ["batch_norm", "layer_norm", "dropout", "activation"]
+
+
+def _norm_or_dropout(draw, acts, kind=None):
+    kind = draw(st.sampled_from(_NORMS)) if kind is None else kind
     if kind == "batch_norm":
         return BatchNorm(draw(st.sampled_from([0.0, 0.9])), draw(st.sampled_from([1e-5, 0.1])),
                          draw(acts))  # fmt: skip
@@ -120,12 +123,12 @@ def _dense_block(draw, shape, acts, width, depth):
     """A layer for a vector of ``shape``: Dense, a norm, dropout, an activation or a residual
     block whose branch (1–2 such layers, nested residuals down to ``depth``) may change the
     width (a projection)."""
-    kinds = ["dense", "norm", "residual"] if depth > 0 else ["dense", "norm"]
+    kinds = ["dense", *_NORMS] + ["residual"] * 2 * (depth > 0)
     kind = draw(st.sampled_from(kinds))
     if kind == "dense":
         return Dense(draw(st.integers(1, width)), draw(acts), draw(st.booleans()))
-    if kind == "norm":
-        return _norm_or_dropout(draw, acts)
+    if kind in _NORMS:
+        return _norm_or_dropout(draw, acts, kind)
     branch = [_dense_block(draw, shape, acts, width, depth - 1)]
     if draw(st.booleans()):
         inner = sequence_out(branch, shape)
@@ -170,13 +173,13 @@ def _pool(draw, shape):
 
 def _conv_block(draw, shape, acts, channels):
     ndim = len(shape) - 1
-    kind = draw(st.sampled_from(["conv", "conv", "pool", "norm", "residual"]))
+    kind = draw(st.sampled_from(["conv", "conv", "pool", "pool", *_NORMS[:3], "residual"]))
     if kind == "conv":
         layer = _conv(draw, ndim, acts, channels)
     elif kind == "pool":
         layer = _pool(draw, shape)
-    elif kind == "norm":
-        layer = _norm_or_dropout(draw, acts)
+    elif kind in _NORMS:
+        layer = _norm_or_dropout(draw, acts, kind)
     else:
         branch = [_conv(draw, ndim, acts, channels, same=True)]
         if draw(st.booleans()):
@@ -203,7 +206,7 @@ def nets(draw, max_blocks=3, max_width=5, families=("dense", "cnn1d", "cnn2d")):
     layers = []
     if family == "dense":
         input_shape = shape = (draw(st.integers(1, max_width)),)
-        for _ in range(draw(st.integers(0, max_blocks))):
+        for _ in range(draw(st.integers(1, max_blocks))):
             layers.append(_dense_block(draw, shape, acts, max_width, depth=2))
             shape = layers[-1].out_shape(shape)
     else:

@@ -354,6 +354,10 @@ def _manual_and_autodiff(params, net, x, y, l2, state, key, train):
     return manual, (loss, grads, deltas, new_state)
 
 
+def _kinds(layers) -> set:
+    return set().union(*({layer.kind} | _kinds(layer.sublayers()) for layer in layers))
+
+
 def _close(actual, expected, rtol):
     """Every entry within ``rtol`` of its own size plus ``rtol`` × the largest entry of the
     whole tree: entries that cancel to nearly 0 (the bias gradient of a layer feeding a
@@ -369,9 +373,16 @@ def net_cases(draw, families=("dense", "cnn1d", "cnn2d")):
             draw(st.sampled_from([0.0, 0.05])), draw(st.integers(0, 2**16)))  # fmt: skip
 
 
+def _record(case):
+    """Hypothesis events (``--hypothesis-show-statistics``): how often each mode and kind ran."""
+    net, _, train, l2, _ = case
+    event(f"{'train' if train else 'eval'}, l2={l2}")
+    for kind in _kinds(net.layers):
+        event(kind)
+
+
 def _check_random_net(case, dtype, rtol):
     net, batch, train, l2, seed = case
-    event(f"{'train' if train else 'eval'}, l2={l2}")
     params, state = perturbed(seed, net, dtype)
     x, y = random_net_data(seed, net, batch, dtype)
     key = jax.random.key(seed, impl="rbg")  # cheap to compile, unlike threefry
@@ -397,6 +408,7 @@ def test_manual_grads_deltas_and_state_match_jax_grad_on_random_nets_in_float64(
     with pools, perturbed params (γ ≠ 1, β ≠ 0, α ≠ 0, b ≠ 0) and running statistics, both
     modes, λ = 0 and 0.05. float64: both sides round at ~1e-16 per operation; measured worst
     7e-16 of the gradient's scale, so 1e-10 is tight yet leaves room for depth."""
+    _record(case)
     with jax.enable_x64(True):
         _check_random_net(case, np.float64, 1e-10)
 
@@ -409,7 +421,18 @@ def test_manual_grads_deltas_and_state_match_jax_grad_on_random_nets_in_float32(
     sum of branch and skip gradients against the reverse accumulation), each rounding at
     6e-8 per operation and amplified by 1/σ in the normalizations: measured worst 1.3e-6 of
     the gradient's scale, so 1e-5 relative."""
+    _record(case)
     _check_random_net(case, np.float32, 1e-5)
+
+
+@pytest.mark.parametrize(
+    "train, loss, l2", [(True, "softmax_cross_entropy", 0.05), (False, "mse", 0.0)]
+)
+def test_a_net_of_every_kind_matches_jax_grad_in_float64(train, loss, l2):
+    """Every kind in one net (tests/helpers.py: every_kind_net), whatever the draws above hit:
+    grads, stream deltas and state to 1e-10 of their scale, as above."""
+    with jax.enable_x64(True):
+        _check_random_net((every_kind_net(loss), 5, train, l2, 7), np.float64, 1e-10)
 
 
 @_quick_jit
