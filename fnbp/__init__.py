@@ -20,7 +20,7 @@ from fnbp.initializers import (
     sigma_w2,
     variance_scaling_scheme,
 )
-from fnbp.io import load_params, save_params
+from fnbp.io import load_params, load_state, save_params
 from fnbp.losses import LOSSES, Loss
 from fnbp.model import MLP, accuracy, forward, init_state, loss
 from fnbp.net import Net
@@ -72,6 +72,7 @@ __all__ = [
     "layer_stats",
     "load_checkpoint",
     "load_params",
+    "load_state",
     "loss",
     "make_population_epoch",
     "make_train_epoch",

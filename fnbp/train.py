@@ -1,8 +1,11 @@
 """Jitted training: one step, one whole epoch in one XLA program, and populations of models.
 
-* :func:`make_train_step` — ``step(params, opt_state, x, y) -> (params, opt_state, metrics)``.
-* :func:`make_train_epoch` — ``epoch(params, opt_state, key, x, y)`` runs every mini-batch
-  step of an epoch inside one ``lax.scan``: one dispatch per epoch instead of one per step.
+* :func:`make_train_step` — ``step(params, opt_state, x, y) -> (params, opt_state, metrics)``
+  for an MLP, ``step(params, state, opt_state, key, x, y) -> (params, state, opt_state,
+  metrics)`` for an :class:`fnbp.Net` (``state``: BatchNorm statistics; ``key``: dropout masks).
+* :func:`make_train_epoch` — ``epoch(params, opt_state, key, x, y)`` (a Net: ``epoch(params,
+  state, opt_state, key, x, y)``) runs every mini-batch step of an epoch inside one
+  ``lax.scan``: one dispatch per epoch instead of one per step.
 * :func:`make_population_epoch` — the same epoch ``vmap``-ed over a leading population axis
   of params, optimizer states and keys: many models (seeds, init schemes) in one XLA program.
   :func:`init_population` draws such a population.
@@ -10,10 +13,11 @@
 
 Gradients come from the hand-written :func:`fnbp.backprop` (``grads="manual"``) or from
 ``jax.value_and_grad(fnbp.loss)`` (``grads="autodiff"``); the optimizer is any optax
-``GradientTransformation``. Metrics of every step: ``loss`` (scalar), ``grad_norms``
-(``(L,)``: the Frobenius norm ‖∂L/∂W⁽ˡ⁾‖ of each layer's weight gradient), ``grads_finite``
-(``(L,)`` bool: every entry of ∂L/∂W⁽ˡ⁾ and ∂L/∂b⁽ˡ⁾ is finite) and ``params_finite`` (the same
-for the updated W⁽ˡ⁾ and b⁽ˡ⁾).
+``GradientTransformation``. Metrics of every step: ``loss`` (scalar), ``grad_norms`` (the
+Frobenius norm ‖∂L/∂W‖ of each layer's weight gradient, one per layer with weights:
+:func:`weight_layers`; ``(L,)`` for an MLP), ``grads_finite`` (bool, one per layer with params:
+:func:`param_layers`; every entry of that layer's gradient is finite) and ``params_finite``
+(the same for the updated params).
 
 :func:`fit` also checkpoints and resumes (:mod:`fnbp.checkpoint`), guards against divergence
 (a non-finite loss, gradient or update stops the run with :class:`NonFiniteError`, or is skipped),
