@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 import fnbp
@@ -138,3 +140,44 @@ def test_experiment_refuses_an_existing_run_folder(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite"):
         _load("classic_sigmoid").main(["--quick", "--out", str(out)])
     assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_architectures_quick_trains_a_cnn_and_a_bn_resmlp_and_inits_like_pytorch(tmp_path):
+    module = _load("architectures")
+    # The MNIST-1D recipes start from PyTorch's default init: W and b ~ U(±1/√fan_in),
+    # fan_in = C_in·kernel for a Conv1d. A uniform on ±c has std c/√3.
+    cnn, mlp = module.mnist1d_cnn_net(), module.mnist1d_mlp_net()
+    draw = jax.jit(lambda k: [module.torch_default_init(k, net) for net in (cnn, mlp)])
+    cnn_params, mlp_params = jax.tree.map(np.asarray, draw(jax.random.key(0)))
+    layers = [  # (W, b, fan_in) of every Dense/Conv, the residual branch's included
+        *[
+            (p["W"], p["b"], f)
+            for p, f in zip(cnn_params, [5, 75, 75, None, 125], strict=True)
+            if f
+        ],
+        (mlp_params[0]["W"], mlp_params[0]["b"], 40),
+        (mlp_params[1]["branch"][0]["W"], mlp_params[1]["branch"][0]["b"], 100),
+        (mlp_params[2]["W"], mlp_params[2]["b"], 100),
+    ]
+    assert cnn_params[3] == {}  # Flatten
+    for W, b, fan_in in layers:
+        bound = 1 / np.sqrt(fan_in)
+        assert np.abs(W).max() <= bound and np.abs(b).max() <= bound
+        assert np.std(W) == pytest.approx(bound / np.sqrt(3), rel=0.15)
+        assert np.abs(b).max() > 0.5 * bound  # biases drawn, not left at zero
+
+    # Two of --quick's three recipes, to stay within the test budget: conv, pooling, dropout,
+    # residual blocks and BatchNorm (the 1-D conv of mnist1d_cnn has its own layer tests).
+    out, results, _, report = _run("architectures", tmp_path, "--recipes", "digits_cnn,resmlp_bn")
+    res = results["results"]
+    assert list(res) == ["digits_cnn", "resmlp_bn"]
+    for r in res.values():
+        finals = [run["final_accuracy"] for run in r["runs"]]
+        assert len(finals) == 2 and finals == [run["test_accuracy"][-1] for run in r["runs"]]
+        assert r["final_accuracy_mean"] == pytest.approx(np.mean(finals), abs=1e-12)
+        assert all(np.isfinite(run["train_loss"]).all() for run in r["runs"])
+        assert f"| {r['name']} |" in report
+    # chance is 10%: two epochs of the hand-written backward already learn digits
+    assert res["digits_cnn"]["final_accuracy_min"] > 0.6
+    assert res["resmlp_bn"]["final_accuracy_min"] > 0.3
+    assert {p.name for p in out.glob("*.png")} == {"digits_cnn.png", "resmlp.png"}
