@@ -1,6 +1,9 @@
 """Tests of fnbp/crosscheck.py: the cross-check must pass on correct grads and catch wrong ones."""
 
+import dataclasses
 import importlib
+import re
+from pathlib import Path
 
 import chex
 import jax
@@ -8,11 +11,24 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import models, random_data
+from helpers import every_kind_net, models, nets, perturbed, random_data, random_net_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fnbp
+from fnbp.layers import (
+    Activation,
+    AvgPool,
+    BatchNorm,
+    Conv,
+    Dense,
+    Dropout,
+    Flatten,
+    LayerNorm,
+    MaxPool,
+    Reshape,
+    Residual,
+)
 
 crosscheck_module = importlib.import_module("fnbp.crosscheck")
 
@@ -59,8 +75,9 @@ def test_crosscheck_passes_on_the_784_16_16_10_relu_network_and_prints_a_table()
 
 
 def _structured_fd(params, model, x, y, l2):
+    # a budget of 200 values splits the 640 of this net's directions into 4 steps of lax.map
     fd, kinked = crosscheck_module._finite_differences_jit(
-        params, model, x, y, l2, crosscheck_module.FD_STEP, chunk=64
+        params, model, x, y, l2, crosscheck_module.FD_STEP, budget=200
     )
     return fd, kinked
 
@@ -173,8 +190,8 @@ def test_mixed_precision_crosscheck_catches_a_gradient_wrong_by_ten_percent(monk
     x, y = random_data(jax.random.key(1), model, 7)
     real = crosscheck_module._backprop_jit
 
-    def wrong_in_bfloat16(params, model, x, y, l2, compute_dtype):
-        result = real(params, model, x, y, l2, compute_dtype)
+    def wrong_in_bfloat16(params, model, x, y, l2, compute_dtype, *modes):
+        result = real(params, model, x, y, l2, compute_dtype, *modes)
         if compute_dtype is None:
             return result
         grads = [dict(g) for g in result.grads]
@@ -219,3 +236,339 @@ def test_leaf_errors_take_a_scalar_or_a_per_entry_absolute_tolerance():
     errors = crosscheck_module._errors(manual, ref, 1e-6, atol_entry=per_entry)
     assert [ok for _, ok in errors] == [True, False]
     assert errors[0][0] == pytest.approx(3e-3)  # the relative error itself is unchanged
+
+
+# ----------------------------------------------------------------------------------------------
+# Every fnbp.Net: grads, δ and state vs jax.grad, finite differences of every parameter.
+
+QUICK = crosscheck_module._QUICK_COMPILE  # programs that run once: LLVM at -O0
+
+
+def _modes(net, state, seed=7):
+    """The keywords a net's calls need: train mode, its state, a key for its dropout masks."""
+    modes = {"train": True, "key": jax.random.key(seed)} if net.needs_train else {}
+    return {**modes, "state": state} if net.needs_state else modes
+
+
+# Each family with the kinds it exercises (random perturbed params and state from helpers).
+FAMILIES = {
+    "cnn2d-strides-paddings-pools": fnbp.Net((7, 6, 2), [
+        Conv(3, (3, 2), strides=(2, 1), padding="SAME", activation="relu"),
+        MaxPool((2, 2), strides=(1, 2)),
+        Conv(4, (2, 2), padding=((1, 0), (0, 2)), activation="tanh"),
+        AvgPool((3, 2), strides=(1, 2)),
+        Flatten(),
+        Dense(3),
+    ]),
+    "cnn1d-mse": fnbp.Net((14, 2), [
+        Conv(3, (3,), strides=2, padding=((1, 2),), activation="softplus"),
+        AvgPool((2,)),
+        Conv(4, (2,), padding="VALID", activation="gelu"),
+        MaxPool((3,)),
+        Flatten(),
+        Dense(2, "tanh"),
+    ], "mse"),
+    "batch-norm-train": fnbp.Net(6, [
+        Dense(8), BatchNorm(activation="relu"), Dense(7, use_bias=False), BatchNorm(momentum=0.5),
+        Activation("tanh"), Dense(4),
+    ]),
+    "layer-norm-dropout-residuals": fnbp.Net(6, [
+        Dense(8, "tanh"), LayerNorm(), Dropout(0.3),
+        Residual((Dense(8, "relu"), Dense(8)), alpha=0.5, learn_alpha=True),
+        Residual((Dense(5, "silu"), BatchNorm()), alpha=0.7),  # a projection P, BN inside
+        Dense(3),
+    ]),
+    "conv-batch-norm-eval-residual-reshape": fnbp.Net(36, [
+        Reshape((6, 6, 1)), Conv(3, (3, 3), activation="tanh"), BatchNorm(activation="relu"),
+        Residual((Conv(3, (3, 3), activation="tanh"), Dropout(0.2)), learn_alpha=True),
+        AvgPool((2, 2)), Flatten(), Dense(4),
+    ], "sigmoid_binary_cross_entropy"),
+}  # fmt: skip
+EVAL = {"conv-batch-norm-eval-residual-reshape"}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_crosscheck_passes_on_nets_of_every_kind_with_perturbed_params_and_state(name):
+    net = FAMILIES[name]
+    params, state = perturbed(1, net)
+    x, y = random_net_data(2, net, 12)
+    modes = _modes(net, state)
+    if name in EVAL:
+        modes = {"train": False, "state": state}
+    report = fnbp.crosscheck(params, net, x, y, l2=0.01, **modes)
+    assert report.passed and report.broken_layer is None, str(report)
+    assert report.train is modes.get("train", False)
+    assert len(report.deltas) == len(net.layers)
+    assert len(report.state) == len(jax.tree.leaves(state))
+    text = str(report)
+    assert f"Net {net.input_shape} -> {net.output_size}: " in text.splitlines()[0]
+    assert f"{'train' if report.train else 'eval'} mode" in text.splitlines()[0]
+    # (a bias before a train-mode BatchNorm has gradient 0: its relative error is meaningless)
+    assert all(np.isfinite(leaf.fd_error) or leaf.grad_norm < 1e-12 for leaf in report.leaves)
+    assert sum(int(np.prod(leaf.shape)) for leaf in report.leaves) == net.num_params
+    if name == "layer-norm-dropout-residuals":
+        _assert_named_by_tree_path(report)
+
+
+def _assert_named_by_tree_path(report):
+    names = [leaf.name for leaf in report.leaves]
+    assert names[:4] == [
+        "layer 1 (dense) W", "layer 1 (dense) b",
+        "layer 2 (layer_norm) beta", "layer 2 (layer_norm) gamma",
+    ]  # fmt: skip
+    assert "layer 4 (residual) alpha" in names and "layer 4 (residual) branch.2.W" in names
+    assert "layer 5 (residual) P" in names and "layer 5 (residual) branch.2.gamma" in names
+    assert [c.name for c in report.state] == [
+        "layer 5 (residual) branch.2.mean", "layer 5 (residual) branch.2.var"
+    ]  # fmt: skip
+    assert [c.name for c in report.deltas][2:4] == ["layer 3 (dropout)", "layer 4 (residual)"]
+    text = str(report)
+    assert "residual[dense, dense], residual[dense, batch_norm]" in text.splitlines()[0]
+    assert "layer 5 (residual) branch.2.gamma (5,)" in text  # the name column fits the longest
+
+
+@settings(max_examples=4)
+@given(nets(max_blocks=3), st.integers(0, 99), st.sampled_from([0.0, 0.05]), st.booleans())
+def test_crosscheck_passes_on_random_nets_in_float64(net, seed, l2, train):
+    with jax.enable_x64(True):
+        params, state = perturbed(seed, net, np.float64)
+        x, y = random_net_data(seed, net, 9, np.float64)
+        modes = _modes(net, state) if train else ({"train": False} if net.needs_train else {})
+        if net.needs_state:
+            modes["state"] = state
+        report = fnbp.crosscheck(params, net, x, y, l2=l2, **modes)
+    assert report.passed, str(report)
+
+
+def test_finite_differences_of_every_kind_equal_naive_full_forward_differences(x64):
+    """The tail reruns (column shifts for Dense and Conv, one-channel updates into the next
+    conv, ravelled params for the rest, train-mode BatchNorm and dropout masks included) must
+    equal perturbing each parameter and rerunning the whole forward pass from the input."""
+    net = every_kind_net()
+    params, state = perturbed(3, net, np.float64)
+    x, y = random_net_data(3, net, 6, np.float64)
+    masks = crosscheck_module._draw_masks_jit(net, jax.random.key(5), 6, True)
+    eps = crosscheck_module.FD_STEP
+    fd, kinked = crosscheck_module._finite_differences_jit(
+        params, net, x, y, 0.2, eps, crosscheck_module.FD_VALUES, state, masks, train=True
+    )
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+
+    def loss(v):  # the whole forward pass from x
+        return fnbp.model._loss(unravel(v), net, x, y, 0.2, None, state, masks, True)
+
+    quotient = jax.jit(
+        lambda i: (loss(flat.at[i].add(eps)) - loss(flat.at[i].add(-eps))) / (2 * eps),
+        compiler_options=QUICK,
+    )
+    naive = np.array([quotient(i) for i in range(flat.size)])
+    # Difference quotients of the same function at the same step: they differ by the rounding
+    # of the loss (~1e-16·|L|/ε ≈ 1e-10) and at the few kinks, where both mix two slopes.
+    keep = ~jax.flatten_util.ravel_pytree(kinked)[0].astype(bool)
+    assert keep.sum() >= 0.9 * flat.size
+    got = jax.flatten_util.ravel_pytree(fd)[0]
+    np.testing.assert_allclose(got[keep], naive[keep], atol=1e-8)
+    # and both are the derivative: jax.grad's, to the finite differences' truncation (1e-6)
+    want = jax.jit(jax.grad(loss), compiler_options=QUICK)(flat)
+    np.testing.assert_allclose(got[keep], want[keep], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("cls", [Dense, Conv])
+def test_column_shift_fast_paths_equal_the_generic_rerun(x64, cls):
+    """Dense and Conv layers take the column-shift path (and a conv into a conv the one-channel
+    update); a subclass (the same forward) takes the generic one: the quotients must agree."""
+    generic = _faulty(cls, lambda self, p, x, cache, delta, grads, back: (grads, back))
+    if cls is Dense:
+        layers = lambda D: [D(5, "tanh"), D(4, "relu"), Dense(3)]  # noqa: E731
+        shape = (6,)
+    else:
+        layers = lambda C: [C(3, (3,), strides=2, activation="tanh"),  # noqa: E731
+                            C(4, (2,), padding=((1, 1),), activation="softplus"),
+                            Flatten(), Dense(3)]  # fmt: skip
+        shape = (9, 2)
+    fast_net, slow_net = fnbp.Net(shape, layers(cls)), fnbp.Net(shape, layers(generic))
+    params, _ = perturbed(4, fast_net, np.float64)
+    x, y = random_net_data(4, fast_net, 7, np.float64)
+    budget = 1000 if cls is Dense else 5000  # 4 steps of lax.map
+    fast = crosscheck_module._finite_differences_jit(params, fast_net, x, y, 0.1, 1e-6, budget)
+    slow = crosscheck_module._finite_differences_jit(params, slow_net, x, y, 0.1, 1e-6, budget)
+    # the same quotients computed two ways: they differ by rounding of the loss (~1e-10)
+    chex.assert_trees_all_close(fast, slow, atol=1e-8)
+
+
+def test_kinks_of_relu_and_max_pool_ties_are_counted_not_failed(x64):
+    """Channel 0 of the conv has a zero kernel and bias, so its pre-activation is exactly 0 and
+    every ±ε step of its kernel or bias crosses the ReLU kink; the max-pool windows of input
+    channel 1 are tied (equal pairs) while channel 0's differ, so W[·, 1, ·] = 0 makes ties that
+    a ±ε step of those entries breaks one way."""
+    net = fnbp.Net((8, 2), [Conv(2, (1,), activation="relu"), MaxPool((2,)), Flatten(), Dense(3)])
+    params, _ = perturbed(5, net, np.float64)
+    params[0]["W"] = params[0]["W"].at[:, :, 0].set(0.0).at[:, 1, 1].set(0.0)
+    params[0]["b"] = params[0]["b"].at[0].set(0.0)
+    x, y = random_net_data(5, net, 6, np.float64)
+    x = x.at[:, 1::2, 1].set(x[:, 0::2, 1])  # pairs of equal entries in channel 1
+    report = fnbp.crosscheck(params, net, x, y)
+    assert report.passed, str(report)
+    W, b = report.leaves[0], report.leaves[1]
+    assert b.kinks >= 1 and W.kinks >= 2  # the dead channel's b and W, the tied window's W
+    assert report.kinks == W.kinks + b.kinks
+    assert f"{report.kinks} of {net.num_params} parameters straddle a kink" in str(report)
+
+
+def test_tiny_batch_variance_under_batch_norm_is_warned_about(x64):
+    net = fnbp.Net(4, [Dense(3), BatchNorm(), Dense(2)])
+    params, state = perturbed(6, net, np.float64)
+    params[0]["W"] = params[0]["W"].at[1].set(0.0)  # feature 1 of the BN input is constant
+    x, y = random_net_data(6, net, 8, np.float64)
+    report = fnbp.crosscheck(params, net, x, y, train=True, state=state)
+    assert len(report.warnings) == 1, report.warnings
+    assert report.warnings[0].startswith(
+        "layer 2 (batch_norm): 1 of 3 features have batch variance"
+    )
+    assert "warning: layer 2 (batch_norm)" in str(report)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fault injection: one term of one kind's rule scaled by 1 + 1e-4 is caught and named.
+
+SCALE = 1 + 1e-4
+
+
+def _faulty(cls, fault):
+    """A subclass of the layer kind ``cls`` (same forward, same ``kind``) whose backward
+    passes its grads and ∂L/∂x through ``fault(self, p, x, cache, δ, grads, back)``."""
+
+    @jax.tree_util.register_static
+    @dataclasses.dataclass(frozen=True)
+    class Faulty(cls):
+        def backward(self, p, x, cache, delta, l2):
+            grads, back, inner = super().backward(p, x, cache, delta, l2)
+            grads, back = fault(self, p, x, cache, delta, grads, back)
+            return grads, back, inner
+
+    Faulty.__name__ = Faulty.__qualname__ = f"Faulty{cls.__name__}"
+    return Faulty
+
+
+def _back(self, p, x, cache, delta, grads, back):  # ∂L/∂x · (1 + 1e-4)
+    return grads, back * SCALE
+
+
+def _grad(name):
+    def fault(self, p, x, cache, delta, grads, back):  # ∂L/∂θ[name] · (1 + 1e-4)
+        return {**grads, name: grads[name] * SCALE}, back
+
+    return fault
+
+
+def _bn_coupling(self, p, x, cache, delta, grads, back):
+    """γ r (δ − Σδ/m − x̂·Σ(δ⊙x̂)/m) with its last term scaled: the batch coupling."""
+    xhat, r, _ = cache
+    m, axes = np.prod(delta.shape[:-1]), tuple(range(delta.ndim - 1))
+    gamma = p["gamma"].reshape((1,) * len(axes) + (-1,))
+    term = gamma * r * xhat * jnp.sum(delta * xhat, axis=axes, keepdims=True) / m
+    return grads, back - (SCALE - 1) * term
+
+
+def _ln_inner(self, p, x, cache, delta, grads, back):
+    """r (g − mean(g) − x̂·mean(g⊙x̂)), g = γ⊙δ, with its last term scaled."""
+    xhat, r = cache
+    g = p["gamma"][None, :] * delta
+    return grads, back - (SCALE - 1) * r * xhat * jnp.mean(g * xhat, axis=-1, keepdims=True)
+
+
+def _skip(self, p, x, cache, delta, grads, back):  # δ + ∂L/∂x|_F with the skip's δ scaled
+    return grads, back + (SCALE - 1) * delta
+
+
+VEC, SIGNAL = (5,), (6, 2)
+# (kind, fault, input shape, the layers before, the layers after, train): the faulty layer is
+# always layer 2, after a layer whose δ its ∂L/∂x feeds.
+FAULTS = {
+    "dense-back": (Dense, _back, VEC, [Dense(6, "tanh")], (4, "tanh"), [Dense(3)], False),
+    "dense-W": (Dense, _grad("W"), VEC, [Dense(6, "tanh")], (4, "tanh"), [Dense(3)], False),
+    "conv-back": (Conv, _back, SIGNAL, [Conv(3, (2,), activation="tanh")], (2, (3,)),
+                  [Flatten(), Dense(3)], False),
+    "conv-W": (Conv, _grad("W"), SIGNAL, [Conv(3, (2,), activation="tanh")], (2, (3,), 2),
+               [Flatten(), Dense(3)], False),
+    "max_pool": (MaxPool, _back, SIGNAL, [Conv(3, (2,), activation="tanh")], ((2,),),
+                 [Flatten(), Dense(3)], False),
+    "avg_pool": (AvgPool, _back, SIGNAL, [Conv(3, (2,), activation="tanh")], ((3,),),
+                 [Flatten(), Dense(3)], False),
+    "batch_norm": (BatchNorm, _bn_coupling, VEC, [Dense(6, "tanh")], (), [Dense(3)], True),
+    "batch_norm-gamma": (BatchNorm, _grad("gamma"), VEC, [Dense(6, "tanh")], (), [Dense(3)],
+                         True),
+    "layer_norm": (LayerNorm, _ln_inner, VEC, [Dense(6, "tanh")], (), [Dense(3)], False),
+    "dropout": (Dropout, _back, VEC, [Dense(6, "tanh")], (0.3,), [Dense(3)], True),
+    "residual-skip": (Residual, _skip, VEC, [Dense(6, "tanh")], ((Dense(6, "tanh"),), 0.5),
+                      [Dense(3)], False),
+    "residual-alpha": (Residual, _grad("alpha"), VEC, [Dense(6, "tanh")],
+                       ((Dense(6, "tanh"),), 0.5, True), [Dense(3)], False),
+    "flatten": (Flatten, _back, SIGNAL, [Conv(2, (2,), activation="tanh")], (), [Dense(3)],
+                False),
+    "reshape": (Reshape, _back, VEC, [Dense(6, "tanh")], ((3, 2),),
+                [Conv(2, (2,)), Flatten(), Dense(3)], False),
+    "activation": (Activation, _back, VEC, [Dense(6)], ("tanh",), [Dense(3)], False),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(FAULTS))
+def test_a_fault_in_any_local_rule_is_caught_and_named(x64, name):
+    cls, fault, shape, before, args, after, train = FAULTS[name]
+    net = fnbp.Net(shape, [*before, _faulty(cls, fault)(*args), *after])
+    params, state = perturbed(8, net, np.float64)
+    x, y = random_net_data(8, net, 8, np.float64)
+    modes = {"train": True, "key": jax.random.key(1)} if train else {"train": False}
+    if net.needs_state:
+        modes["state"] = state
+    report = fnbp.crosscheck(params, net, x, y, finite_differences=False, **modes)
+    assert not report.passed, str(report)
+    assert report.broken_layer == f"layer 2 ({cls.kind})", str(report)
+    assert f"first broken local rule: layer 2 ({cls.kind})" in str(report)
+    bad = [c.name for c in report.deltas if not c.passed]
+    if fault is _back or fault in (_bn_coupling, _ln_inner, _skip):  # ∂L/∂x: δ below it is off
+        assert "backward rule" in report.broken_rule and bad == [f"layer 1 ({before[0].kind})"]
+    else:  # a parameter formula: every δ agrees, one leaf of layer 2 does not
+        assert "parameter gradient" in report.broken_rule and bad == []
+        assert [leaf.name for leaf in report.leaves if not leaf.passed] == [
+            f"layer 2 ({cls.kind}) {name.split('-')[1]}"
+        ]
+
+
+def test_a_wrong_output_delta_is_named_as_the_loss(monkeypatch):
+    net = fnbp.Net(4, [Dense(5, "tanh"), Dense(3)])
+    params, _ = perturbed(9, net)
+    x, y = random_net_data(9, net, 6)
+    real = crosscheck_module._backprop_jit
+
+    def wrong_output_delta(*args):
+        result = real(*args)
+        return result._replace(deltas=[*result.deltas[:-1], result.deltas[-1] * SCALE])
+
+    monkeypatch.setattr(crosscheck_module, "_backprop_jit", wrong_output_delta)
+    report = fnbp.crosscheck(params, net, x, y, finite_differences=False)
+    assert report.broken_layer == "loss (softmax_cross_entropy)" and not report.passed
+    assert [leaf.passed for leaf in report.leaves] == [True] * 4  # only δ⁽ᴸ⁾ was touched
+
+
+# ----------------------------------------------------------------------------------------------
+# The MLP's report is unchanged.
+
+
+def test_the_mlp_report_keeps_the_format_the_readme_lists():
+    """Every line of the README's ``fnbp check`` listing, digits masked, is a line of the
+    report of the same network, in order (the README leaves out the rules and the rtol line)."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text().splitlines()
+    start = readme.index("$ fnbp check --sizes 64,128,128,10") + 1
+    listing = readme[start : readme.index("PASSED", start) + 1]
+    model = fnbp.MLP((64, 128, 128, 10))
+    params = fnbp.init_params(jax.random.key(1), model)
+    x, y = random_data(jax.random.key(2), model, 32)
+    lines = str(fnbp.crosscheck(params, model, x, y)).splitlines()
+    mask = lambda text: re.sub(r"\d", "0", text)  # noqa: E731
+    masked, at = [mask(line) for line in lines], 0
+    for line in listing:  # each README line is there, in order
+        at = masked.index(mask(line), at) + 1
+    assert lines[-1] == "PASSED"
+    assert all(set(line) == {"-"} for line in lines[2:3] + lines[-3:-2])  # the two rules
+    assert lines[-2].startswith("rtol: jax.grad 1e-05 (float32), 1e-10 (float64)")
