@@ -306,7 +306,9 @@ def run_recipe(recipe: Recipe, args, bar) -> dict:
     epoch_fn = fnbp.make_train_epoch(
         recipe.net, optimizer, batch_size=recipe.batch_size, grads="manual", l2=recipe.l2
     )
-    start_fn = jax.jit(functools.partial(start, recipe, optimizer))  # one program, not one per op
+    # Eager: a 100-block net's init compiles op by op once per shape (~13 s here), where one
+    # jitted program of its 200 draws took ~100 s to compile.
+    start_fn = functools.partial(start, recipe, optimizer)
     runs = [train_seed(recipe, start_fn, epoch_fn, s, load(recipe, s, args), bar) for s in seeds]
     final = np.array([r["final_accuracy"] for r in runs])
     first_epochs = runs[0]["epoch_seconds"]
