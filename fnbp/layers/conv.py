@@ -14,7 +14,7 @@ and the local rule (per spatial axis; λ the L2 strength)::
 
 Both are forward convolutions (``lax.conv_general_dilated``) with the operands' roles swapped,
 the padding derived here; no autodiff. Note that this is the same XLA program as JAX's own
-transpose rule, so agreement with ``jax.grad`` proves little for convolutions: the tests add
+transpose rule, so agreement with JAX's autodiff proves little for convolutions: the tests add
 finite differences and an im2col computation as independent witnesses.
 """
 

@@ -7,7 +7,7 @@ window, ``win[n, o, k, c] = x[n, o·s + k, c]``::
     AvgPool:  z = (1/K) Σₖ win[…, k, …]          ∂L/∂x = Σ over windows of δ/K
     MaxPool:  z = maxₖ win[…, k, …]              ∂L/∂x = Σ over windows of δ·1[win = z]/#{win = z}
 
-Ties in a max window share δ equally, as ``jax.grad`` of ``jnp.max`` does (``lax.reduce_window``
+Ties in a max window share δ equally, as autodiff of ``jnp.max`` does (``lax.reduce_window``
 would give it all to one entry). Windows are strided slices; their transpose is ``lax.pad``
 with interior padding, so the backward pass is as cheap as the forward.
 """
