@@ -40,51 +40,68 @@ print(json.dumps({"first_s": t1 - t0, "second_s": t2 - t1, "passed": bool(report
 """
 
 
-def _fresh_runs(spec: dict, runs: int) -> dict:
-    """``runs`` fresh processes checking the model of ``spec``: the median first check
-    (compile included), each run's, the median second check, passed and kinks."""
-    out = []
-    for _ in range(runs):
-        done = subprocess.run(
-            [sys.executable, "-c", _CHILD, json.dumps(spec | {"batch": BATCH})],
-            capture_output=True, text=True, check=True, cwd=ROOT,
-        )  # fmt: skip
-        out.append(json.loads(done.stdout.strip().splitlines()[-1]))
+def _fresh_run(spec: dict) -> dict:
+    """One fresh process checking the model of ``spec``: ``first_s`` (compile included),
+    ``second_s``, ``passed``, ``kinks``, ``num_params``."""
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, json.dumps(spec | {"batch": BATCH})],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    )  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _summary(runs: list[dict]) -> dict:
+    """The median first check (compile included), each run's, the median second check."""
     return {
         "batch": BATCH,
-        "num_params": out[0]["num_params"],
-        "fnbp_first_s": statistics.median(r["first_s"] for r in out),
-        "fnbp_first_s_runs": [r["first_s"] for r in out],
-        "fnbp_compiled_s": statistics.median(r["second_s"] for r in out),
-        "passed": all(r["passed"] for r in out),
-        "kinks": out[0]["kinks"],
+        "num_params": runs[0]["num_params"],
+        "fnbp_first_s": statistics.median(r["first_s"] for r in runs),
+        "fnbp_first_s_runs": [r["first_s"] for r in runs],
+        "fnbp_compiled_s": statistics.median(r["second_s"] for r in runs),
+        "passed": all(r["passed"] for r in runs),
+        "kinks": runs[0]["kinks"],
     }
+
+
+def _failure(e: subprocess.CalledProcessError) -> str:
+    return "failed: " + (e.stderr.strip().splitlines() or ["?"])[-1][:300]
 
 
 def crosscheck_section(torch_results, args) -> dict:
     """The MLP's check (and torch's gradcheck of it) with the CNN's under ``"nets"``: a list of
-    ``{"name", "net", …}`` rows, or ``{"name", "note"}`` where the check raised."""
+    ``{"name", "net", …, "vs_mlp"}`` rows, or ``{"name", "net", "note"}`` where the check
+    raised. The fresh processes take turns (MLP, CNN, MLP, CNN, …) so that both see the same
+    load, and ``vs_mlp`` is the median over rounds of the CNN's time over the MLP's."""
     sizes = QUICK_CROSSCHECK_SIZES if args.quick else CROSSCHECK_SIZES
-    runs = 1 if args.quick else 3
-    log(f"cross-check cost: {sizes_name(sizes)}, batch {BATCH}, float64")
-    result = {"sizes": list(sizes)} | _fresh_runs({"mlp": list(sizes)}, runs)
-    log(f"  fnbp.crosscheck {result['fnbp_first_s']:.2f} s (compile included)")
+    nets = {"MNIST-1D CNN": mnist1d_cnn()}
+    log(f"cross-check cost: {sizes_name(sizes)} and {', '.join(nets)}, batch {BATCH}, float64")
+    mlp_runs, net_runs, notes = [], {name: [] for name in nets}, {}
+    for _ in range(1 if args.quick else 3):  # each in a fresh process: compilation included
+        mlp_runs.append(_fresh_run({"mlp": list(sizes)}))
+        for name, net in nets.items():
+            if name in notes:
+                continue
+            try:
+                net_runs[name].append(_fresh_run({"net": net.to_json()}))
+            except subprocess.CalledProcessError as e:  # a result to report, not a crash
+                notes[name] = _failure(e)
+                log(f"  {name}: {notes[name]}")
+    result = {"sizes": list(sizes)} | _summary(mlp_runs)
+    log(f"  {sizes_name(sizes)}: fnbp.crosscheck {result['fnbp_first_s']:.2f} s (compile included)")
     if torch_results is not None:
         gradchecks = torch_results["gradcheck_s_runs"]
         result["torch_gradcheck_s"] = statistics.median(gradchecks)
         result["torch_gradcheck_s_runs"] = gradchecks
         log(f"  torch.autograd.gradcheck {result['torch_gradcheck_s']:.2f} s")
     result["nets"] = []
-    for name, net in (("MNIST-1D CNN", mnist1d_cnn()),):
-        log(f"cross-check cost: {name}, batch {BATCH}, float64")
+    for name, net in nets.items():
         row = {"name": name, "net": net.to_json()}
-        try:
-            row |= _fresh_runs({"net": net.to_json()}, runs)
-        except subprocess.CalledProcessError as e:  # a result to report, not a crash
-            row["note"] = "failed: " + (e.stderr.strip().splitlines() or ["?"])[-1][:300]
-            log(f"  {row['note']}")
+        if name in notes:
+            row["note"] = notes[name]
         else:
-            row["vs_mlp"] = row["fnbp_first_s"] / result["fnbp_first_s"]
-            log(f"  fnbp.crosscheck {row['fnbp_first_s']:.2f} s ({row['vs_mlp']:.2f}× the MLP's)")
+            row |= _summary(net_runs[name])
+            per_round = [n["first_s"] / m["first_s"] for n, m in zip(net_runs[name], mlp_runs, strict=True)]  # fmt: skip
+            row["vs_mlp"] = statistics.median(per_round)
+            log(f"  {name}: fnbp.crosscheck {row['fnbp_first_s']:.2f} s ({row['vs_mlp']:.2f}× the MLP's)")  # fmt: skip
         result["nets"].append(row)
     return result

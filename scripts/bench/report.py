@@ -221,7 +221,8 @@ def _crosscheck(result) -> list[str]:
                 f"vs the {sizes_name(cc['sizes'])} MLP", "check"]  # fmt: skip
         lines += [
             f"Nets, the same check (every parameter by finite differences, batch {cc['batch']}, "
-            "float64, fresh processes):",
+            "float64), each fresh process taking turns with the MLP's; vs the MLP: the median "
+            "over rounds of the net's time over the MLP's in the same round:",
             "",
             markdown_table(head, rows),
             "",
