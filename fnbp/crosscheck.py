@@ -9,14 +9,15 @@ named by its tree path) by the relative error ‖g_manual − g_ref‖/‖g_ref�
 2. central finite differences ``(L(θ + εeᵢ) − L(θ − εeᵢ)) / 2ε`` in float64 for *every*
    parameter, all at once (``vmap``/``lax.map``, not a Python loop).
 
-For a net it also compares, in both dtypes, the **error signal of every layer**
+It also compares, in both dtypes, the **error signal of every layer**
 δ⁽ⁱ⁾ = ∂L/∂z⁽ⁱ⁾ (a residual block's stream δ) with ``jax.grad`` with respect to zero offsets
 added to each z⁽ⁱ⁾, and the **new state** (BatchNorm running statistics, a forward quantity)
 with the reference forward's. The δ check names the first broken local rule
 (:attr:`CrosscheckReport.broken_layer`): going from the output down, the first layer ``i`` whose
 δ disagrees means the rule above it (``∂L/∂x`` of layer ``i + 1``, or the ``f′`` of layer
 ``i``) is wrong; if every δ agrees but layer ``i``'s parameter grads do not, its parameter
-formula is. A wrong δ of the last layer is the loss's output δ.
+formula is. A wrong δ of the last layer is the loss's output δ. (An MLP's report lists only
+its leaves, as it always has, and the first broken rule when one is.)
 
 Tolerances (``rtol``, relative to the leaf's gradient norm):
 
@@ -44,49 +45,64 @@ so 5e-2 leaves a margin of 2.4 and still catches a wrong factor of 1.1. The floa
 finite-difference comparisons check the math and ignore ``compute_dtype``.
 
 A leaf whose gradient is (nearly) zero, such as a dead ReLU unit or a bias sum that cancels,
-is judged against a floor of 1e-2 × the norm of the whole gradient instead of its own norm
-(the same for δ and state: 1e-2 × the norm of all of them). The bias of a layer before a
-train-mode BatchNorm is the extreme case: its gradient is exactly 0 in exact arithmetic, a sum
-over the batch of terms that cancel, and float32 rounding leaves about 2e-8 of the whole
-gradient's norm (measured), which the floor's 1e-5 × 1e-2 covers five times.
+is judged against a floor of 1e-3 × the norm of the whole gradient instead of its own norm
+(the same for δ and state: 1e-3 × the norm of all of them). A leaf that is 0 in exact
+arithmetic (its float64 gradient under 1e-10 of the whole) is judged in the working dtype
+against the whole gradient's norm: the bias of a layer before a train-mode BatchNorm, a sum
+over the batch of terms that cancel, keeps float32 rounding noise of about 2e-8 of the whole
+gradient (bfloat16: 1e-3), on the scale of the terms, not of their sum.
 Finite differences also carry a rounding floor that no step removes: each quotient is off by
 about ``eps₆₄·|L|/ε``, so a leaf of ``n`` entries may differ by a further
 ``√n · 10·eps₆₄·max(|L|, 1)/ε`` (≈ 5e-9 per entry for a loss near 2), reported as ``fd_noise``.
 
 The finite-difference step is ε = 1e-6 (float64 rounding makes the error grow as ε shrinks,
-truncation as it grows; 1e-6 keeps both under 1e-8 for well-scaled networks). Each finite
-difference reruns the network from the perturbed layer on, never from the input, on the whole
-batch, with the dropout masks and the state fixed; the loss is exactly the one the full forward
-pass would compute at ``θ ± εeᵢ``, at a fraction of the cost:
+truncation as it grows; 1e-6 keeps both under 1e-8 for well-scaled networks). Every quotient
+needs the loss at θ ± εeₖ, on the whole batch, with the dropout masks and the state fixed: the
+loss the full forward pass computes there (to rounding), at a fraction of its cost. All 2n
+directions θ ± εeₖ of the n parameters go through *one* forward pass over a batch of
+directions that grows at each layer, as the directions of that layer's params join it (so the
+program grows linearly with depth, not quadratically as one rerun per layer would). Where they
+join:
 
 - **Dense** (top level): ``W⁽ˡ⁾ᵢⱼ ± ε`` moves only the column ``z⁽ˡ⁾ᵢ``, by ``±ε·a⁽ˡ⁻¹⁾ⱼ``
-  (``b⁽ˡ⁾ᵢ`` by ``±ε``), so the rerun starts at ``z⁽ˡ⁾`` shifted by that column.
+  (``b⁽ˡ⁾ᵢ`` by ``±ε``): they join at ``z⁽ˡ⁾`` shifted by that column.
 - **Conv** (top level): ``W[k, i, c] ± ε`` moves only output channel ``c``, by ``±ε`` times the
-  input patch ``x̃[n, o·s + k, i]``; the rerun starts at the shifted ``z``.
+  input patches ``x̃[n, o·s + k, i]`` (``b[c]`` by ``±ε``): they join at the shifted ``z``. When
+  channel-local layers (pools, activations, dropout) and then a layer linear in their output
+  (a Conv, or Flatten and Dense) follow, only channel ``c`` runs through the channel-local
+  layers, and the directions join at that linear layer's z, moved by its linear map of the one
+  moved channel (a one-channel convolution, or the dense columns of that channel): C_in times
+  cheaper than rerunning the convolution, and exact.
 - **Every other layer with params** (BatchNorm, LayerNorm, residual blocks with their
-  branches, α and projection, and Dense or Conv subclasses): its params are ravelled, each
-  entry is moved by ±ε, and layer ``i`` and everything after it are rerun from its input.
-  Under train-mode BatchNorm one example's perturbation moves every example's output; the rerun
-  recomputes the batch statistics, so the quotient is a derivative of the *batch* loss, which
-  is what backprop computes: no special case.
+  branches, α and projection, and Dense or Conv subclasses, whose forward may differ): its
+  params are ravelled, each entry is moved by ±ε, and the layer is rerun on its input: they
+  join at its z. Under train-mode BatchNorm one example's perturbation moves every example's
+  output; the rerun recomputes the batch statistics, so the quotient is a derivative of the
+  *batch* loss, which is what backprop computes: no special case.
 
-The L2 penalty's part of each quotient is the exact central difference of (λ/2)W², added
-per entry. Piecewise-linear units (ReLU-family activations, max-pool winners, inside
-residual branches too) make a difference quotient that straddles a kink mix two slopes and say
-nothing about the derivative. Those parameters are detected (the piece of every unit of the
-rerun, :func:`fnbp.engine.trace_regions`, at θ ± ε is compared with its piece at θ), excluded
-from the comparison and reported as ``kinks``. A train-mode BatchNorm feature whose batch
-variance is tiny (σ² < 100·ε) has huge third derivatives, so truncation breaks the 1e-6
-budget there: the report warns.
+XLA's CPU backend runs float64 convolutions as plain loops (at -O0 about 100× slower than its
+float32 library call), so the reruns compute each Conv as one matmul of its input patches
+(im2col): the same function, by another route. The L2 penalty's part of each quotient is the
+exact central difference of (λ/2)W², added per entry. Piecewise-linear units (ReLU-family
+activations, max-pool winners, inside residual branches too) make a difference quotient that
+straddles a kink mix two slopes and say nothing about the derivative. Those parameters are
+detected (the piece of every unit on the way, what :func:`fnbp.engine.trace_regions` collects,
+at θ ± ε against its piece at θ), excluded from the comparison and reported as ``kinks``. A
+train-mode BatchNorm feature whose batch variance is tiny (σ² < 100·ε) has huge third
+derivatives, so truncation breaks the 1e-6 budget there: the report warns.
 
 Cost: a cross-check compiles two XLA programs, one per dtype (one when the params are already
 float64), each computing everything it compares (hand-written grads, δ and state,
-``jax.grad``'s and, in float64, every finite difference), at LLVM -O0 since each runs once.
-Finite differences cost one rerun of the tail per parameter: the full check of a 784-16-16-10
-network (13,002 parameters, batch 32) takes about 0.65 s on a 2-core CPU in a fresh process,
-compilation included; see ``scripts/bench.py`` for the MNIST-1D CNN. Within one program XLA
-merges identical subcomputations, so where the hand-written pass builds the same expression as
-``jax.grad`` the two agree bitwise (error 0); anything else stays separate.
+``jax.grad``'s and, in float64, every finite difference), at LLVM -O0 since each runs once;
+compilation dominates, and grows with the number of layers (and of kernels in them: each
+BatchNorm, residual block or float64 convolution adds several). The full check of the
+784-16-16-10 MLP (13,002 parameters, batch 32) takes about 0.65 s on a 2-core CPU in a fresh
+process, compilation included; the MNIST-1D CNN's (three Conv1d of 25 channels and a Dense,
+5,210 parameters) about 1.5× that. Finite differences need memory for the batch of directions
+at the widest layer; they are split into steps of ``lax.map`` to hold at most
+:data:`FD_VALUES` float64 values. Within one program XLA merges identical subcomputations, so
+where the hand-written pass builds the same expression as ``jax.grad`` the two agree bitwise
+(error 0); anything else stays separate.
 """
 
 from __future__ import annotations
@@ -105,8 +121,9 @@ import numpy as np
 from fnbp.backprop import _backprop
 from fnbp.engine import forward_seq, no_masks
 from fnbp.layers.conv import Conv
-from fnbp.layers.dense import Dense
-from fnbp.layers.pool import windows
+from fnbp.layers.dense import Activation, Dense
+from fnbp.layers.dropout import Dropout
+from fnbp.layers.pool import AvgPool, MaxPool, windows
 from fnbp.layers.reshape import Flatten
 from fnbp.losses import to_targets
 from fnbp.model import (
@@ -129,10 +146,9 @@ Array = jax.Array
 RTOL_AUTODIFF = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 5e-2, "float16": 1e-2}
 RTOL_FINITE_DIFFERENCES = 1e-6
 FD_STEP = 1e-6
-FD_VALUES = (
-    2**26
-)  # float64 values (512 MiB) a layer's batch of finite-difference directions may hold
-_FLOOR = 1e-2  # a leaf's error is judged against max(‖g_leaf‖, _FLOOR·‖g_all‖)
+FD_VALUES = 2**26  # float64 values (512 MiB) the batch of directions may hold at any layer
+_FLOOR = 1e-3  # a leaf's error is judged against max(‖g_leaf‖, _FLOOR·‖g_all‖)
+_EXACT_ZERO = 1e-10  # a leaf whose float64 gradient is below this fraction of the whole
 _TINY_VARIANCE = 100  # warn for a train-mode BatchNorm feature with σ² < _TINY_VARIANCE·ε
 
 # A cross-check runs each of its programs once or twice, so LLVM's optimizations cost more
@@ -325,50 +341,82 @@ def _shift_entry(layers, params, tr, i, step) -> _Entry:
     return _Entry(i, i, C * F, start, lambda q: _from_columns(layer, p, q.reshape(C, F)))
 
 
+_CHANNEL_LOCAL = (MaxPool, AvgPool, Activation, Dropout)  # channel c out from channel c in
+
+
 def _linear_after(layers, params, tr, i):
-    """``(at, move)`` when z of a later layer ``at`` is linear in a⁽ⁱ⁾ (a convolution next, or
-    Flatten and Dense): ``move(c, Δ)`` is that z when channel ``c`` of a⁽ⁱ⁾ moves by Δ; else
-    ``None``."""
-    nxt = layers[i + 1] if i + 1 < len(layers) else None
-    if type(nxt) is _PatchConv:  # z⁽ⁱ⁺¹⁾ + W⁽ⁱ⁺¹⁾[:, c, :] ⋆ Δ, a one-channel convolution
-        W = params[i + 1]["W"]
+    """``(local, at, move)`` when, past the channel-local layers ``local`` (pools,
+    activations, dropout) after the Conv ``i``, the z of layer ``at`` is linear in their output
+    (a Conv, or Flatten and Dense): ``move(c, Δ)`` is that z when channel ``c`` of its input
+    moves by Δ. ``None`` otherwise."""
+    j, local = i + 1, []
+    while j < len(layers) and type(layers[j]) in _CHANNEL_LOCAL:
+        local, j = [*local, j], j + 1
+    nxt = layers[j] if j < len(layers) else None
+    if type(nxt) is _PatchConv:  # z + W[:, c, :] ⋆ Δ, a one-channel convolution
+        W = params[j]["W"]
         W_c = jnp.moveaxis(W, -2, 0).reshape(W.shape[-2], -1, W.shape[-1])  # (C, K, C_out)
 
         def into_conv(c, d):
             P = _patches(nxt, d[..., None])  # Δ's patches, (B, *out′, K)
-            return tr.z[i + 1] + jax.lax.dot_general(P, W_c[c], (((P.ndim - 1,), (0,)), ((), ())))
+            return tr.z[j] + jax.lax.dot_general(P, W_c[c], (((P.ndim - 1,), (0,)), ((), ())))
 
-        return i + 1, into_conv
-    flat = type(nxt) is Flatten and nxt.activation == "identity"
-    if flat and i + 2 < len(layers) and type(layers[i + 2]) is Dense:
-        W = params[i + 2]["W"]  # flattened index o·C + c: column c of every position o
+        return local, j, into_conv
+    flat = type(nxt) is Flatten and nxt.activation == "identity" and j + 1 < len(layers)
+    if flat and type(layers[j + 1]) is Dense:  # z + Σ_o Δ[·, o] W[:, o·C + c] (position o)
+        j += 1
+        W = params[j]["W"]
         W_c = jnp.moveaxis(W.reshape(W.shape[0], -1, tr.z[i].shape[-1]), -1, 0)  # (C, n, O)
 
-        def into_dense(c, d):  # z⁽ⁱ⁺²⁾ + Σ_o Δ[·, o] W⁽ⁱ⁺²⁾[:, o·C + c]
-            return tr.z[i + 2] + d.reshape(d.shape[0], -1) @ W_c[c].T
+        def into_dense(c, d):
+            return tr.z[j] + d.reshape(d.shape[0], -1) @ W_c[c].T
 
-        return i + 2, into_dense
+        return local, j, into_dense
     return None
 
 
-def _channel_entry(layers, params, tr, i, step, linear) -> _Entry:
-    """A top-level Conv before a layer linear in its output (:func:`_linear_after`): as
-    :func:`_shift_entry`, but only channel ``c`` of a⁽ⁱ⁾ moves, by Δ = f(z_c) − a⁽ⁱ⁾_c, so the
-    directions enter at the later z, moved by the linear map of Δ alone: C_in times cheaper
+def _channel(v: Array) -> Array:
+    """``(B, *spatial, C) -> (C, B, *spatial)``: channel ``c`` is ``v[c]``."""
+    return jnp.moveaxis(v, -1, 0)
+
+
+def _channel_entry(layers, params, state, masks, train, tr, i, step, linear) -> _Entry:
+    """A top-level Conv before channel-local layers and a layer linear in their output
+    (:func:`_linear_after`): as :func:`_shift_entry`, but only channel ``c`` of a⁽ⁱ⁾ moves, so
+    only that channel runs through the channel-local layers, and the directions enter at the
+    linear layer's z, moved by its linear map of that channel's Δ alone: C_in times cheaper
     than rerunning a convolution, and exact."""
-    layer, p, act = layers[i], params[i], layers[i].act
-    at, move = linear
+    layer, p = layers[i], params[i]
+    local, at, move = linear
     C, cols = _columns(layer, p, tr.a[i])
     shifts, F = step * cols, cols.shape[0]
-    z_c, a_c = jnp.moveaxis(tr.z[i], -1, 0), jnp.moveaxis(tr.a[i + 1], -1, 0)  # (C, B, *out)
-    base = None if act.region is None else jnp.moveaxis(act.region(tr.z[i]), -1, 0)
+    z_c = _channel(tr.z[i])
+
+    def pieces_at(j, x, cache, z):  # kink indicators of layer j: its own, then its activation's
+        act = layers[j].act
+        return [*layers[j].regions(x, cache), *([] if act.region is None else [act.region(z)])]
+
+    # at θ, channel by channel: layer i's pieces (a Conv's: its activation's), then each
+    # channel-local layer's
+    base = [[_channel(r) for r in pieces_at(j, tr.a[j], tr.cache[j], tr.z[j])] for j in [i, *local]]
+    a_out = _channel(tr.a[local[-1] + 1 if local else i + 1])
 
     def start(d):
         k, s = _direction(d, C * F)
         c = k // F
         z = z_c[c] + s * shifts[k % F]  # channel c of z⁽ⁱ⁾
-        crossed = jnp.zeros((), bool) if base is None else jnp.any(act.region(z) != base[c])
-        return move(c, act.f(z) - a_c[c]), crossed
+        pieces = [[] if layer.act.region is None else [layer.act.region(z)]]
+        a = layer.act.f(z)
+        for j in local:  # a channel-local layer on channel c alone
+            mask = None if masks[j] is None else _channel(masks[j])[c][..., None]
+            z, cache, _ = layers[j].forward({}, state[j], a[..., None], mask, train)
+            pieces.append([r[..., 0] for r in pieces_at(j, a[..., None], cache, z)])
+            a = layers[j].act.f(z[..., 0])
+        crossed = jnp.zeros((), bool)
+        for now, then in zip(pieces, base, strict=True):
+            for piece, piece0 in zip(now, then, strict=True):
+                crossed |= jnp.any(piece != piece0[c])
+        return move(c, a - a_out[c]), crossed
 
     return _Entry(i, at, C * F, start, lambda q: _from_columns(layer, p, q.reshape(C, F)))
 
@@ -398,9 +446,11 @@ def _entries(layers, params, state, masks, train, tr, step) -> list[_Entry]:
     for i, layer in enumerate(layers):
         if not jax.tree.leaves(params[i]):
             continue
-        linear = _linear_after(layers, params, tr, i) if type(layer) is _PatchConv else None
+        linear = (
+            _linear_after(layers, params, tr, i) if type(layer) in (Dense, _PatchConv) else None
+        )
         if linear is not None:
-            out.append(_channel_entry(layers, params, tr, i, step, linear))
+            out.append(_channel_entry(layers, params, state, masks, train, tr, i, step, linear))
         elif type(layer) in (Dense, _PatchConv):
             out.append(_shift_entry(layers, params, tr, i, step))
         else:
@@ -563,7 +613,7 @@ def _gradients64(params, model, x, y, l2, step, state, masks, train, *, manual, 
         else None
     )
     variances = {}
-    if train and model.couples_examples:
+    if budget and train and model.couples_examples:
         tr = run(params, model, x, state=state, masks=masks, train=True)
         variances = _batch_variances(model.layers, tr)
     return loss, mine, ref, fd, variances
@@ -716,16 +766,18 @@ def _kinds(layers) -> str:
     )
 
 
-def _errors(manual, ref, rtol, mask=None, atol_entry=0.0):
+def _errors(manual, ref, rtol, mask=None, atol_entry=0.0, floors=None):
     """Per-leaf (relative error, passed) of manual against ref, over the entries in mask.
 
-    A leaf passes when ‖Δ‖ ≤ rtol·max(‖g_ref‖, _FLOOR·‖g_ref_all‖) + ‖atol‖, where ``atol`` is
-    ``atol_entry`` for every entry (so ‖atol‖ = atol_entry·√entries), or, when ``atol_entry``
-    is a tree like ``ref``, each entry's own tolerance.
+    A leaf passes when ‖Δ‖ ≤ rtol·max(‖g_ref‖, floor·‖g_ref_all‖) + ‖atol‖, where ``floor`` is
+    :data:`_FLOOR` (or the leaf's entry of ``floors``) and ``atol`` is ``atol_entry`` for every
+    entry (so ‖atol‖ = atol_entry·√entries), or, when ``atol_entry`` is a tree like ``ref``,
+    each entry's own tolerance.
     """
     leaves_m, leaves_r = jax.tree.leaves(manual), jax.tree.leaves(ref)
     masks = jax.tree.leaves(mask) if mask is not None else [None] * len(leaves_m)
     atols = [atol_entry] * len(leaves_r) if np.isscalar(atol_entry) else jax.tree.leaves(atol_entry)
+    floors = [_FLOOR] * len(leaves_r) if floors is None else floors
     diffs, norms, slack = [], [], []
     for gm, gr, keep, atol in zip(leaves_m, leaves_r, masks, atols, strict=True):
         gm, gr = np.asarray(gm, np.float64), np.asarray(gr, np.float64)
@@ -737,10 +789,20 @@ def _errors(manual, ref, rtol, mask=None, atol_entry=0.0):
         slack.append(float(np.linalg.norm(atol)))
     total = math.sqrt(sum(n * n for n in norms))
     out = []
-    for d, n, a in zip(diffs, norms, slack, strict=True):
+    for d, n, a, floor in zip(diffs, norms, slack, floors, strict=True):
         rel = d / n if n > 0 else (0.0 if d == 0 else math.inf)
-        out.append((rel, bool(d <= rtol * max(n, _FLOOR * total) + a)))
+        out.append((rel, bool(d <= rtol * max(n, floor * total) + a)))
     return out
+
+
+def _exact_zeros(ref64) -> list[float]:
+    """The floor of each leaf in the working-dtype comparison: the whole gradient's norm for a
+    leaf that is 0 in exact arithmetic (its float64 gradient under :data:`_EXACT_ZERO` of the
+    whole: the bias of a layer before a train-mode BatchNorm, a sum of terms that cancel), whose
+    low-precision value is rounding noise on the scale of those terms; :data:`_FLOOR` else."""
+    norms = [float(np.linalg.norm(np.asarray(g, np.float64))) for g in jax.tree.leaves(ref64)]
+    total = math.sqrt(sum(n * n for n in norms))
+    return [1.0 if n <= _EXACT_ZERO * total else _FLOOR for n in norms]
 
 
 def _layer_name(model, i: int) -> str:
@@ -868,7 +930,8 @@ def crosscheck(
     dtype_name = jnp.dtype(dtype).name
     rtol = RTOL_AUTODIFF.get(jnp.dtype(compute_dtype or dtype).name, 1e-2)
     batch = int(x.shape[0])
-    masks = _draw_masks_jit(model, key, batch, train)
+    dropout = train and key is not None and model.find(lambda l: getattr(l, "rate", 0) > 0)
+    masks = _draw_masks_jit(model, key, batch, train) if dropout else no_masks(model.layers)
     if state is None:
         state = blank_state(model) if isinstance(model, Net) else None
 
@@ -892,7 +955,7 @@ def crosscheck(
                 train=train, manual=_backprop_jit,
             )
         )  # fmt: skip
-    ad_err = _errors(mine[0], ref[0], rtol)
+    ad_err = _errors(mine[0], ref[0], rtol, floors=_exact_zeros(ref64[0]))
     ad64_err = _errors(mine64[0], ref64[0], RTOL_AUTODIFF["float64"])
     fd_noise = 10 * np.finfo(np.float64).eps * max(abs(float(loss64)), 1.0) / fd_step
     if finite_differences:

@@ -428,6 +428,36 @@ def test_tiny_batch_variance_under_batch_norm_is_warned_about(x64):
     assert "warning: layer 2 (batch_norm)" in str(report)
 
 
+def test_a_net_in_mixed_precision_passes_at_the_bfloat16_tolerance():
+    """BatchNorm in train mode under bfloat16 compute, a bias before it whose gradient is 0 in
+    exact arithmetic (its bfloat16 value is rounding noise of the terms that cancel: judged
+    against the whole gradient's norm), and δ and state checked in the compute dtype."""
+    net = FAMILIES["batch-norm-train"]
+    params, state = perturbed(1, net)
+    x, y = random_net_data(2, net, 12)
+    report = fnbp.crosscheck(params, net, x, y, compute_dtype=jnp.bfloat16,
+                             finite_differences=False, train=True, state=state)  # fmt: skip
+    assert report.passed and report.rtol_autodiff == 5e-2, str(report)
+    real = [leaf for leaf in report.leaves if leaf.grad_norm > 1e-12]  # all but layer 1's b
+    assert len(real) == len(report.leaves) - 1
+    assert max(leaf.autodiff_error for leaf in real) < 2e-2
+    assert all(leaf.autodiff64_error < 1e-10 for leaf in real)
+
+
+def test_autodiff_grads_of_a_net_use_the_same_masks_state_and_mode_as_backprop():
+    net = FAMILIES["layer-norm-dropout-residuals"]
+    params, state = perturbed(2, net)
+    x, y = random_net_data(3, net, 8)
+    modes = _modes(net, state)
+    loss, grads = fnbp.autodiff_grads(params, net, x, y, l2=0.1, **modes)
+    manual = fnbp.backprop(params, net, x, y, l2=0.1, **modes)
+    # float32, two independent computations of the same gradient (a different dropout mask
+    # would move every leaf by far more than this)
+    chex.assert_trees_all_close((loss, grads), (manual.loss, manual.grads), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="pass train=True or train=False"):
+        fnbp.autodiff_grads(params, net, x, y, state=state)
+
+
 # ----------------------------------------------------------------------------------------------
 # Fault injection: one term of one kind's rule scaled by 1 + 1e-4 is caught and named.
 
