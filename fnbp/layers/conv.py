@@ -12,10 +12,19 @@ and the local rule (per spatial axis; λ the L2 strength)::
     ∂L/∂b[c]       = Σ_{n, o} δ[n, o, c]
     ∂L/∂x          = full correlation of δ, dilated by s, with W flipped and C_in ↔ C_out
 
-Both are forward convolutions (``lax.conv_general_dilated``) with the operands' roles swapped,
-the padding derived here; no autodiff. Note that this is the same XLA program as JAX's own
-transpose rule, so agreement with JAX's autodiff proves little for convolutions: the tests add
-finite differences and an im2col computation as independent witnesses.
+With stride 1 both are forward convolutions (``lax.conv_general_dilated``) with the operands'
+roles swapped, the padding derived here; no autodiff. This is the same XLA program as JAX's own
+transpose rule, so agreement with JAX's autodiff proves little for them: the tests add finite
+differences and an im2col computation as independent witnesses.
+
+With a stride > 1 those convolutions are dilated (δ spread out by s), and XLA's CPU backend
+runs them slowly (the MNIST-1D CNN's whole train step took ~12% longer). There the same sums
+are matmuls over the windows of x̃ (im2col, :func:`fnbp.layers.pool.windows`): with
+``P[n, o, (k, i)] = x̃[n, o·s + k, i]`` as rows ``(B·O, K·C_in)`` and ``W`` as ``(K·C_in, C_out)``::
+
+    ∂L/∂W = Pᵀ δ + λW,    ∂L/∂P = δ Wᵀ,    ∂L/∂x = Σ over the windows of ∂L/∂P   (unwindows)
+
+the same formula, summed in another order (float32 results differ in the last bits).
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from jax import lax
 from fnbp.initializers import draw_bias, draw_matrix
 from fnbp.layers.base import Layer, LayerError, int_tuple, positive_int
 from fnbp.layers.dense import decay
+from fnbp.layers.pool import unwindows, windows
 
 Array = jax.Array
 
@@ -171,16 +181,14 @@ class Conv(Layer):
         # the padded input may hold a few rows no window reaches: crop them from the high side
         w_pads = [(lo, hi - (n + lo + hi - k - (o - 1) * s))
                   for n, o, k, s, (lo, hi) in zip(n_in, n_out, self.kernel_size, self.strides, pads, strict=True)]  # fmt: skip
+        if any(s > 1 for s in self.strides):  # dilated convolutions: matmuls over windows instead
+            return _backward_by_windows(self, p, x, delta, l2, w_pads)
         # ∂L/∂W[k, i, c] = Σ_{n,o} x̃[n, o·s + k, i] δ[n, o, c] + λW   (batch contracted like a feature)
         dW = lax.conv_general_dilated(
             x, delta, (1,) * d, w_pads, rhs_dilation=self.strides,
             dimension_numbers=w_spec, preferred_element_type=W.dtype,
         )  # fmt: skip
-        grads = {"W": decay(dW, W, l2)}
-        if "b" in p:
-            grads["b"] = jnp.sum(
-                delta, axis=tuple(range(delta.ndim - 1)), dtype=p["b"].dtype
-            )  # Σ δ
+        grads = {"W": decay(dW, W, l2)} | _bias_grad(p, delta)
         # ∂L/∂x: δ dilated by the strides, fully correlated with the flipped kernel (C_in ↔ C_out)
         b_pads = [(k - 1 - lo, n + lo - 1 - (o - 1) * s)
                   for n, o, k, s, (lo, _) in zip(n_in, n_out, self.kernel_size, self.strides, pads, strict=True)]  # fmt: skip
@@ -192,3 +200,29 @@ class Conv(Layer):
 
     def weights(self, p):
         return [p["W"]]
+
+
+def _bias_grad(p, delta) -> dict:
+    """``{"b": Σ δ}`` over every axis but the channels, or ``{}`` without a bias."""
+    if "b" not in p:
+        return {}
+    return {"b": jnp.sum(delta, axis=tuple(range(delta.ndim - 1)), dtype=p["b"].dtype)}  # Σ δ
+
+
+def _backward_by_windows(layer: Conv, p, x, delta, l2, pads):
+    """The local rule by im2col (module docstring); ``pads`` pad ``x`` to x̃ exactly, its last
+    window ending at its last row (a negative ``hi`` crops rows no window reaches)."""
+    W, config = p["W"], [(0, 0, 0), *[(lo, hi, 0) for lo, hi in pads], (0, 0, 0)]
+    x_pad = lax.pad(x, jnp.zeros((), x.dtype), config)
+    patches = windows(x_pad, layer.kernel_size, layer.strides)  # (B, *O, K, C_in)
+    rows_p = patches.reshape(-1, patches.shape[-2] * patches.shape[-1])  # P: (B·O, K·C_in)
+    rows_d, W_rows = delta.reshape(-1, delta.shape[-1]), W.reshape(-1, W.shape[-1])
+    dW = jnp.matmul(rows_p.T, rows_d, preferred_element_type=W.dtype)  # Pᵀ δ
+    grads = {"W": decay(dW.reshape(W.shape), W, l2)} | _bias_grad(p, delta)  # + λW
+    # ∂L/∂P = δ Wᵀ (summed in at least float32), added back where each window read x̃
+    wide = jnp.promote_types(delta.dtype, jnp.float32)
+    d_rows = jnp.matmul(rows_d, W_rows.astype(delta.dtype).T, preferred_element_type=wide)
+    d_pad = unwindows(d_rows.reshape(patches.shape), x_pad.shape, layer.kernel_size, layer.strides)
+    unpad = [(-lo, -hi, interior) for lo, hi, interior in config]  # x̃ -> x (0 for cropped rows)
+    back = lax.pad(d_pad, jnp.zeros((), wide), unpad)
+    return grads, back.astype(delta.dtype), None
