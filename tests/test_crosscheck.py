@@ -44,7 +44,7 @@ def networks(draw):
     )
 
 
-@settings(max_examples=10)
+@settings(max_examples=5)
 @given(networks())
 def test_crosscheck_passes_on_random_networks_against_finite_differences(net):
     model, batch, l2, seed = net

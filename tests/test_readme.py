@@ -2,7 +2,10 @@
 
 import importlib
 import inspect
+import re
 from pathlib import Path
+
+import test_bad_inputs
 
 from fnbp import engine
 
@@ -19,3 +22,9 @@ def test_readme_backward_pass_listing_is_the_source():
     listing = _block_after(README.read_text(), "The whole backward pass")
     for fn in (engine.backward_seq, engine.act_backward, backprop._backprop):
         assert inspect.getsource(fn).rstrip() in listing, f"README listing of {fn.__name__} drifted"
+
+
+def test_readme_counts_the_bad_input_catalogue_as_it_is():
+    found = re.search(r"catalogue of (\d+) such command lines and (\d+) bad API", README.read_text())
+    assert found, "README no longer counts the bad-input catalogue"
+    assert (int(found[1]), int(found[2])) == (len(test_bad_inputs.CLI), len(test_bad_inputs.API))
