@@ -40,7 +40,7 @@ def networks(draw):
     return model, batch, l2, bias_std, seed
 
 
-@settings(max_examples=15)  # each draw compiles anew; the net tests below cover more kinds
+@settings(max_examples=10)  # each draw compiles anew; the net tests below cover more kinds
 @given(networks())
 def test_manual_grads_match_jax_grad_on_random_networks(net):
     model, batch, l2, bias_std, seed = net

@@ -366,11 +366,15 @@ def test_console_script_bad_value_exits_2(tmp_path):
 # 44 steps of 32 per epoch, a checkpoint every 10 steps within an epoch and at its end; the
 # wider net makes a run last a few seconds, so a signal lands in its middle.
 LONG = ["--sizes", "64,256,256,10", "--epochs", "25", "--checkpoint-every", "10", "--no-progress"]
+# The same for a net whose resume needs more than params: BatchNorm's running statistics and
+# dropout masks drawn from the key at each step (3 residual blocks of 256, 8 epochs).
+LONG_NET = ["--arch", "resmlp", "--depth", "3", "--width", "256", "--norm", "batch",
+            "--dropout", "0.2", "--epochs", "8", "--checkpoint-every", "10", "--no-progress"]  # fmt: skip
 
 
-def _start(out, *extra):
+def _start(out, *extra, argv=LONG):
     return subprocess.Popen(
-        [_fnbp_script(), "train", *LONG, "--out", str(out), *extra],
+        [_fnbp_script(), "train", *argv, "--out", str(out), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,  # our signals go to it alone
     )  # fmt: skip
@@ -390,13 +394,22 @@ def _wait_for_checkpoint(proc, folder, min_step, timeout=120):
     raise AssertionError("no checkpoint appeared")
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("long") / "run"
-    proc = _start(out)
+def _run_whole(folder, argv):
+    out = folder / "run"
+    proc = _start(out, argv=argv)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return _run_whole(tmp_path_factory.mktemp("long"), LONG)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_net(tmp_path_factory):
+    return _run_whole(tmp_path_factory.mktemp("long-net"), LONG_NET)
 
 
 def _resume(out):
@@ -440,11 +453,16 @@ def test_signal_saves_a_checkpoint_and_resume_ends_bitwise_identical(
     _same_results(out, uninterrupted)
 
 
-def test_kill_9_loses_at_most_one_checkpoint_interval_and_resumes_bitwise(tmp_path, uninterrupted):
+@pytest.mark.parametrize("argv, reference", [(LONG, "uninterrupted"), (LONG_NET, "uninterrupted_net")],
+                         ids=["mlp", "net-with-batchnorm-and-dropout"])  # fmt: skip
+def test_kill_9_loses_at_most_one_checkpoint_interval_and_resumes_bitwise(
+    tmp_path, request, argv, reference
+):
     from fnbp.checkpoint import latest_checkpoint, verify_checkpoint
 
+    uninterrupted = request.getfixturevalue(reference)
     out = tmp_path / "run"
-    proc = _start(out)
+    proc = _start(out, argv=argv)
     seen = _wait_for_checkpoint(proc, out, 70)
     proc.kill()  # SIGKILL: no handler runs
     proc.communicate(timeout=60)

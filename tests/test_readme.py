@@ -25,6 +25,8 @@ def test_readme_backward_pass_listing_is_the_source():
 
 
 def test_readme_counts_the_bad_input_catalogue_as_it_is():
-    found = re.search(r"catalogue of (\d+) such command lines and (\d+) bad API", README.read_text())
+    found = re.search(
+        r"catalogue of (\d+) such command lines and (\d+) bad API", README.read_text()
+    )
     assert found, "README no longer counts the bad-input catalogue"
     assert (int(found[1]), int(found[2])) == (len(test_bad_inputs.CLI), len(test_bad_inputs.API))
