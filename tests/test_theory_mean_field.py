@@ -1,4 +1,4 @@
-"""Tests of fnbp/theory.py: mean-field maps against closed forms, quadrature and Monte Carlo.
+"""Tests of fnbp/theory/mean_field.py: mean-field maps against closed forms, quadrature and Monte Carlo.
 
 Every reference here is computed independently of fnbp: closed forms, scipy.integrate.quad, or
 Monte Carlo with NumPy's own RNG and NumPy/SciPy formulas for φ and φ′.
