@@ -274,3 +274,44 @@ def test_depth_scale_is_infinite_at_criticality():
 def test_depth_scale_rejects_a_non_positive_chi(chi_1):
     with pytest.raises(ValueError, match="chi_1 must be > 0"):
         theory.depth_scale(chi_1)
+
+
+def _numpy_dropout_chi(sigma_w2, keep, seed, width=512, depth=16, batch=32):
+    """Geometric mean over layers 2 … depth − 1 of ‖δ⁽ˡ⁻¹⁾‖²/‖δ⁽ˡ⁾‖² in a random ReLU stack with
+    inverted dropout (keep ``keep``) after every activation, forward and backward by hand."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((batch, width))
+    Ws, tape = [], []
+    for _ in range(depth):
+        W = math.sqrt(sigma_w2 / width) * rng.standard_normal((width, width))
+        z = a @ W.T
+        mask = (rng.random(z.shape) < keep) / keep
+        a = np.maximum(z, 0) * mask
+        Ws.append(W)
+        tape.append((z, mask))
+    delta = rng.standard_normal((batch, width))
+    ratios = []
+    for l in range(depth - 1, 1, -1):
+        z, mask = tape[l - 1]
+        new = (z > 0) * mask * (delta @ Ws[l])  # δ⁽ˡ⁻¹⁾ = f′(z) ⊙ m/ρ ⊙ Wᵀδ⁽ˡ⁾
+        ratios.append(np.sum(new**2) / np.sum(delta**2))
+        delta = new
+    return np.exp(np.mean(np.log(ratios)))
+
+
+@pytest.mark.parametrize("sigma_w2, keep", [(2.0, 0.8), (1.6, 0.8), (1.0, 0.5), (2.0, 1.0)])
+def test_dropout_moves_the_critical_relu_init_to_two_rho(sigma_w2, keep):
+    """χ₁ = σ_w²/(2ρ): He's σ_w² = 2 explodes under dropout; σ_w² = 2ρ is critical. The
+    measured factor of wide random NumPy stacks (3 seeds) agrees within 5%."""
+    assert theory.chi1("relu", sigma_w2, keep=keep) == pytest.approx(
+        sigma_w2 / (2 * keep), rel=1e-12
+    )
+    assert theory.length_map("relu", sigma_w2, 0.7, keep=keep) == pytest.approx(sigma_w2 * 0.35 / keep, rel=1e-12)  # fmt: skip
+    measured = np.exp(np.mean([np.log(_numpy_dropout_chi(sigma_w2, keep, s)) for s in range(3)]))
+    assert measured == pytest.approx(sigma_w2 / (2 * keep), rel=0.05)
+
+
+@pytest.mark.parametrize("keep", [0.0, -0.1, 1.5, math.nan])
+def test_a_keep_probability_outside_zero_one_is_refused(keep):
+    with pytest.raises(ValueError, match="keep"):
+        theory.chi("relu", 2.0, 1.0, keep=keep)

@@ -60,31 +60,53 @@ def _phi(activation: str):
     return f, df
 
 
-def length_map(activation: str, sigma_w2: float, q: float, sigma_b2: float = 0.0) -> float:
-    """One step of the variance map: σ_w² E[φ(h)²] + σ_b², h ~ N(0, q)."""
+def _check_keep(keep: float) -> None:
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep (the dropout keep probability ρ) must be in (0, 1], got {keep!r}")
+
+
+def length_map(
+    activation: str, sigma_w2: float, q: float, sigma_b2: float = 0.0, keep: float = 1.0
+) -> float:
+    """One step of the variance map: σ_w² E[φ(h)²]/ρ + σ_b², h ~ N(0, q).
+
+    ``keep`` = ρ, the keep probability of an (inverted) dropout after the activation: a unit
+    kept with probability ρ and scaled by 1/ρ has E[a²] = E[φ(h)²]/ρ (Schoenholz et al. 2017).
+    """
+    _check_keep(keep)
     f, _ = _phi(activation)
-    return sigma_w2 * gaussian_expectation(lambda h: f(h) ** 2, q) + sigma_b2
+    return sigma_w2 * gaussian_expectation(lambda h: f(h) ** 2, q) / keep + sigma_b2
 
 
 def q_trajectory(
-    activation: str, sigma_w2: float, q1: float, depth: int, sigma_b2: float = 0.0
+    activation: str,
+    sigma_w2: float,
+    q1: float,
+    depth: int,
+    sigma_b2: float = 0.0,
+    keep: float = 1.0,
 ) -> np.ndarray:
     """``q⁽¹⁾ … q⁽ᵈᵉᵖᵗʰ⁾``: the pre-activation variance of each layer, starting from ``q1``."""
     qs = [float(q1)]
     for _ in range(depth - 1):
-        qs.append(length_map(activation, sigma_w2, qs[-1], sigma_b2))
+        qs.append(length_map(activation, sigma_w2, qs[-1], sigma_b2, keep))
     return np.array(qs)
 
 
 def fixed_point(
-    activation: str, sigma_w2: float, sigma_b2: float = 0.0, q0: float = 1.0, iters: int = 5000
+    activation: str,
+    sigma_w2: float,
+    sigma_b2: float = 0.0,
+    q0: float = 1.0,
+    iters: int = 5000,
+    keep: float = 1.0,
 ) -> float:
     """q*, the limit of the length map from ``q0`` (``inf`` if it diverges, as ReLU's does
     for σ_w² > 2; for ReLU with σ_w² = 2 and σ_b² = 0 every q is a fixed point and ``q0`` is
     returned)."""
     q = float(q0)
     for _ in range(iters):
-        new = length_map(activation, sigma_w2, q, sigma_b2)
+        new = length_map(activation, sigma_w2, q, sigma_b2, keep)
         if not math.isfinite(new) or new > 1e12:
             return math.inf
         if new < _Q_TINY:  # collapsed onto q* = 0 (e.g. ReLU below σ_w² = 2, tanh below 1)
@@ -95,19 +117,24 @@ def fixed_point(
     return q
 
 
-def chi(activation: str, sigma_w2: float, q: float) -> float:
-    """σ_w² E[φ′(h)²], h ~ N(0, q): the per-layer factor of ‖δ‖² at variance q."""
+def chi(activation: str, sigma_w2: float, q: float, keep: float = 1.0) -> float:
+    """σ_w² E[φ′(h)²]/ρ, h ~ N(0, q): the per-layer factor of ‖δ‖² at variance q (with
+    dropout of keep probability ρ after the activation, δ meets the same mask scaled by 1/ρ)."""
+    _check_keep(keep)
     _, df = _phi(activation)
-    return sigma_w2 * gaussian_expectation(lambda h: df(h) ** 2, q)
+    return sigma_w2 * gaussian_expectation(lambda h: df(h) ** 2, q) / keep
 
 
-def chi1(activation: str, sigma_w2: float, sigma_b2: float = 0.0, q0: float = 1.0) -> float:
-    """χ₁ = σ_w² E[φ′(h)²] at the fixed point q* (reached from ``q0``)."""
-    q_star = fixed_point(activation, sigma_w2, sigma_b2, q0)
+def chi1(
+    activation: str, sigma_w2: float, sigma_b2: float = 0.0, q0: float = 1.0, keep: float = 1.0
+) -> float:
+    """χ₁ = σ_w² E[φ′(h)²]/ρ at the fixed point q* (reached from ``q0``). With dropout the
+    critical init moves: for ReLU χ₁ = σ_w²/(2ρ), so σ_w² = 2ρ, not He's 2."""
+    q_star = fixed_point(activation, sigma_w2, sigma_b2, q0, keep=keep)
     if math.isinf(q_star):
         q_star = 1e12  # ReLU-like growth: χ is scale-free there, any large q gives it
     # At q* = 0 take the limit q → 0⁺: at q = 0 exactly every node sits on ReLU's kink.
-    return chi(activation, sigma_w2, max(q_star, _Q_TINY))
+    return chi(activation, sigma_w2, max(q_star, _Q_TINY), keep)
 
 
 def depth_scale(chi_1: float) -> float:
