@@ -350,3 +350,26 @@ def np_batch_norm_train(x, gamma, beta, mean, var, momentum, eps):
     s2 = ((x - mu) ** 2).sum(axis=axes) / m  # biased: divide by m, not m − 1
     z = gamma * (x - mu) / np.sqrt(s2 + eps) + beta
     return z, momentum * mean + (1 - momentum) * mu, momentum * var + (1 - momentum) * s2
+
+
+# ----------------------------------------------------------------------------------------------
+# NumPy witnesses for the mean-field theory tests: activations, and normalization with its
+# backward, written out by hand
+
+NP_ACTS = {
+    "relu": (lambda z: np.maximum(z, 0.0), lambda z: (z > 0).astype(float)),
+    "tanh": (np.tanh, lambda z: 1.0 - np.tanh(z) ** 2),
+    "identity": (lambda z: z, np.ones_like),
+}
+
+
+def np_normalize(z, axis, eps=1e-5):
+    """``(u, s)``: ``z`` normalized along ``axis`` with the biased variance (BatchNorm: axis 0,
+    over the batch; LayerNorm: axis 1, over the features), and its std."""
+    s = np.sqrt(z.var(axis=axis, keepdims=True) + eps)
+    return (z - z.mean(axis=axis, keepdims=True)) / s, s
+
+
+def np_normalize_backward(g, u, s, axis):
+    """∂L/∂z from ∂L/∂u for ``u, s = np_normalize(z, axis)``."""
+    return (g - g.mean(axis=axis, keepdims=True) - u * (g * u).mean(axis=axis, keepdims=True)) / s

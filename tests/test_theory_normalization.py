@@ -5,26 +5,9 @@ import math
 
 import numpy as np
 import pytest
+from oracles import NP_ACTS, np_normalize, np_normalize_backward
 
 from fnbp.theory.normalization import batchnorm_factor, layernorm_factor
-
-ACTS = {
-    "relu": (lambda z: np.maximum(z, 0.0), lambda z: (z > 0).astype(float)),
-    "tanh": (np.tanh, lambda z: 1.0 - np.tanh(z) ** 2),
-    "identity": (lambda z: z, np.ones_like),
-}
-EPS = 1e-5  # fnbp's BatchNorm and LayerNorm default
-
-
-def _norm(z, axis):
-    """(u, s): z normalized along ``axis`` with the biased variance, and its std."""
-    s = np.sqrt(z.var(axis=axis, keepdims=True) + EPS)
-    return (z - z.mean(axis=axis, keepdims=True)) / s, s
-
-
-def _norm_back(g, u, s, axis):
-    """∂L/∂z from ∂L/∂u for u = (z − mean)/s along ``axis``."""
-    return (g - g.mean(axis=axis, keepdims=True) - u * (g * u).mean(axis=axis, keepdims=True)) / s
 
 
 def _measured_factor(kind, activation, batch, seed, width=512, depth=20, sigma_w2=2.0, skip=5):
@@ -32,7 +15,7 @@ def _measured_factor(kind, activation, batch, seed, width=512, depth=20, sigma_w
     layers, leaving out the ``skip`` nearest the top (where δ has not reached its steady
     direction yet) and the first. ``kind``: "bn" (Dense → BN → φ, normalized over the batch),
     "ln-before" (Dense → LN → φ) or "ln-after" (Dense → φ → LN), LN over the features."""
-    f, df = ACTS[activation]
+    f, df = NP_ACTS[activation]
     rng = np.random.default_rng(seed)
     a = rng.standard_normal((batch, width))
     Ws, tape = [], []
@@ -40,13 +23,13 @@ def _measured_factor(kind, activation, batch, seed, width=512, depth=20, sigma_w
         W = math.sqrt(sigma_w2 / width) * rng.standard_normal((width, width))
         z = a @ W.T
         if kind == "bn":
-            u, s = _norm(z, 0)
+            u, s = np_normalize(z, 0)
             a = f(u)
         elif kind == "ln-before":
-            u, s = _norm(z, 1)
+            u, s = np_normalize(z, 1)
             a = f(u)
         else:  # ln-after
-            u, s = _norm(f(z), 1)
+            u, s = np_normalize(f(z), 1)
             a = u
         Ws.append(W)
         tape.append((z, u, s))
@@ -56,11 +39,11 @@ def _measured_factor(kind, activation, batch, seed, width=512, depth=20, sigma_w
         g = delta @ Ws[l]  # ∂L/∂a⁽ˡ⁻¹⁾
         z, u, s = tape[l - 1]
         if kind == "bn":
-            delta = _norm_back(df(u) * g, u, s, 0)
+            delta = np_normalize_backward(df(u) * g, u, s, 0)
         elif kind == "ln-before":
-            delta = _norm_back(df(u) * g, u, s, 1)
+            delta = np_normalize_backward(df(u) * g, u, s, 1)
         else:
-            delta = df(z) * _norm_back(g, u, s, 1)
+            delta = df(z) * np_normalize_backward(g, u, s, 1)
         norms.append(np.sum(delta**2))
     ratios = np.array(norms[1:]) / np.array(norms[:-1])
     return np.exp(np.mean(np.log(ratios[skip:-1])))  # the last: layer 1, fed the raw input

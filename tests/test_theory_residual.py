@@ -5,13 +5,9 @@ import math
 
 import numpy as np
 import pytest
+from oracles import NP_ACTS, np_normalize, np_normalize_backward
 
 from fnbp import theory
-
-ACTS = {
-    "relu": (lambda z: np.maximum(z, 0.0), lambda z: (z > 0).astype(float)),
-    "tanh": (np.tanh, lambda z: 1.0 - np.tanh(z) ** 2),
-}
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0, 2.0])
@@ -32,6 +28,21 @@ def test_he_relu_total_at_alpha_one_over_sqrt_depth_is_one_plus_two_over_l_to_th
     assert (1 + 2 / L) ** L < r.total * 1.0000001 < math.e**2  # tends to e² from below
 
 
+@pytest.mark.parametrize("L", [1, 10, 100])
+def test_normalized_branches_grow_the_stream_linearly_and_the_total_polynomially(L):
+    # pre-LN, ReLU, He, α = 1, m₀ = 1: m grows by 2 a block, factor 1 + 2/m, total 2L + 1
+    r = theory.residual_chain("pre_ln", "relu", 2.0, 1.0, L)
+    np.testing.assert_allclose(r.m, 1 + 2 * np.arange(L + 1), rtol=1e-12)
+    assert r.total == pytest.approx(2 * L + 1, rel=1e-10)
+    # BatchNorm branch: m grows by α² a block; factor 1 + α² c/m, c = E[φ′²]/Var φ = π/(π − 1)
+    b = theory.residual_chain("bn", "relu", 2.0, 0.5, L)
+    np.testing.assert_allclose(b.m, 1 + 0.25 * np.arange(L + 1), rtol=1e-12)
+    c = 0.5 / (0.5 - 1 / (2 * math.pi))
+    np.testing.assert_allclose(
+        b.growth, 1 + 0.25 * c / b.m[:-1], rtol=5e-3
+    )  # E[relu] by quadrature
+
+
 def test_post_activation_at_alpha_zero_loses_only_the_units_of_the_first_relu():
     # x' = relu(x): the dead half stays dead, so only the top block (reached first by δ) halves
     # E‖δ‖²; an independence assumption would halve it at every block
@@ -43,27 +54,47 @@ def test_post_activation_at_alpha_zero_loses_only_the_units_of_the_first_relu():
 
 def _numpy_residual_net(ordering, activation, sigma_w2, alpha, blocks, width, batch, seed):
     """Per-block E[x²] of the stream and E‖∂L/∂x‖²/E‖∂L/∂x'‖², measured on one random net."""
-    f, df = ACTS[activation]
+    f, df = NP_ACTS[activation]
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, width))  # N(0, 1): m0 = 1
     std = math.sqrt(sigma_w2 / width)
     weights, tape, m = [], [], [np.mean(x**2)]
     for _ in range(blocks):
         W1, W2 = std * rng.standard_normal((2, width, width))
-        a = f(x) if ordering == "pre" else x
+        norms = {}
+        if ordering == "pre_ln":
+            norms["ln"] = np_normalize(x, 1)  # (u, s) over each example's features
+            a = norms["ln"][0]
+        else:
+            a = f(x) if ordering == "pre" else x
         h = a @ W1.T
-        z = x + alpha * f(h) @ W2.T
+        if ordering == "bn":  # h → BN → φ → W₂ → BN, over the batch
+            norms["bn1"] = np_normalize(h, 0)
+            h = norms["bn1"][0]
+            norms["bn2"] = np_normalize(f(h) @ W2.T, 0)
+            out = norms["bn2"][0]
+        else:
+            out = f(h) @ W2.T
+        z = x + alpha * out
         weights.append((W1, W2))
-        tape.append((x, h, z))
+        tape.append((x, h, z, norms))
         x = f(z) if ordering == "post" else z
         m.append(np.mean(x**2))
     s = rng.standard_normal((batch, width))  # ∂L/∂x of the last stream
     growth = []
-    for (W1, W2), (x_in, h, z) in zip(reversed(weights), reversed(tape), strict=True):
+    for (W1, W2), (x_in, h, z, norms) in zip(reversed(weights), reversed(tape), strict=True):
         d = df(z) * s if ordering == "post" else s  # ∂L/∂z
-        branch = alpha * (df(h) * (d @ W2)) @ W1  # J_Fᵀ d up to the branch's input
+        g = alpha * d
+        if ordering == "bn":
+            g = np_normalize_backward(g, *norms["bn2"], 0)
+        g = df(h) * (g @ W2)
+        if ordering == "bn":
+            g = np_normalize_backward(g, *norms["bn1"], 0)
+        branch = g @ W1  # J_Fᵀ d up to the branch's input
         if ordering == "pre":
             branch = df(x_in) * branch
+        if ordering == "pre_ln":
+            branch = np_normalize_backward(branch, *norms["ln"], 1)
         s_in = d + branch
         growth.append(np.sum(s_in**2) / np.sum(s**2))
         s = s_in

@@ -6,6 +6,8 @@ orderings (``x`` the stream entering the block, ``x'`` the stream leaving it)::
     "linear"  x' = x + α·W₂ φ(W₁ x)          no activation on the stream
     "pre"     x' = x + α·W₂ φ(W₁ φ(x))       full pre-activation (He et al. 2016b)
     "post"    x' = φ(x + α·W₂ φ(W₁ x))       post-activation, the original ResNet
+    "pre_ln"  x' = x + α·W₂ φ(W₁ LN(x))      pre-LayerNorm, as in transformers
+    "bn"      x' = x + α·BN(W₂ φ(BN(W₁ x)))  BatchNorm in the branch (De & Smith 2020)
 
 Forward, with ``m = E[x²]`` per coordinate and ``h = W₁x`` (or ``W₁φ(x)``) Gaussian over the
 draw of W₁ with variance ``v_h = σ_w² m`` (or ``σ_w² E[φ(x)²]``), the branch ``α·W₂φ(h)`` is a
@@ -35,6 +37,19 @@ that already passed through the same coordinate's ``φ′`` of later blocks: a u
 stays off, which no independence assumption sees) and ``J_Fᵀd`` a fresh Gaussian of variance
 ``α² σ_w² χ(h) E[d²]``, the weights' part of the gradient-independence assumption.
 
+The normalized branches see the stream only through a normalization (wide limit, BatchNorm at
+an infinite batch; γ = 1, β = 0). "pre_ln": LN(x) ~ N(0, 1) whatever m, so the branch adds a
+constant ``α² σ_w² E[φ(h)²]``, h ~ N(0, σ_w²), and m grows linearly with depth; LN's backward
+divides by √m, so the factor is ``1 + α² σ_w² χ(h)/m``. "bn": the branch ends in a BatchNorm,
+so it adds exactly α² (m grows linearly, De & Smith 2020), and its backward passes
+``α² (E[φ′(u)²]/Var φ(u))/m`` of the error, u ~ N(0, 1), the first BatchNorm dividing by
+σ_w²·m and the second by σ_w² Var φ(u) (it removes the batch mean of W₂φ(u) too). Both
+factors fall as 1/m ∝ 1/l, so the total over L blocks grows like a power of L, not
+exponentially: for ReLU with He init exactly ``2L + 1`` (pre_ln, m₀ = 1, α = 1), and
+``Π (1 + c α²/(m₀ + α² l))``, c = π/(π − 1), about ``(1 + α² L/m₀)^c`` (bn). At a real batch size BatchNorm's
+backward also drops ~2/B of the branch's error (:mod:`fnbp.theory.normalization`), a
+correction to the small branch term that this leaves out.
+
 For ReLU with He init (σ_w² = 2) the factors are closed: ``1 + 2α²`` (linear), ``1 + α²``
 (pre), and the total over L blocks ``(1 + 2α²)ᴸ``: it explodes as ``3ᴸ`` at α = 1, tends to
 ``e²`` at α = 1/√L, and is 1 at α = 0.
@@ -49,7 +64,7 @@ import numpy as np
 
 from fnbp.theory.mean_field import _phi, gaussian_expectation
 
-ORDERINGS = ("linear", "pre", "post")
+ORDERINGS = ("linear", "pre", "post", "pre_ln", "bn")
 _SAMPLES = 400_000  # the simulated "post" stream: ~0.2% Monte-Carlo error per expectation
 
 
@@ -81,7 +96,17 @@ def _check(ordering: str, sigma_w2: float, alpha: float, blocks: int, m0: float)
 
 
 def _gaussian_block(ordering, f, df, sigma_w2, alpha, m):
-    """``(m', growth)`` of one "linear" or "pre" block on a Gaussian stream N(0, m)."""
+    """``(m', growth)`` of one block (any ordering but "post") on a Gaussian stream N(0, m)."""
+    if ordering == "pre_ln":  # h = W₁ LN(x) ~ N(0, σ_w²); LN's backward divides by √m
+        branch = alpha**2 * sigma_w2 * gaussian_expectation(lambda h: f(h) ** 2, sigma_w2)
+        chi_h = sigma_w2 * gaussian_expectation(lambda h: df(h) ** 2, sigma_w2)
+        return m + branch, 1.0 + alpha**2 * sigma_w2 * chi_h / m
+    if ordering == "bn":  # u = BN(W₁x) ~ N(0, 1); the branch's last BN makes it add α²
+        mean = gaussian_expectation(f, 1.0)  # the second BN removes W₂φ(u)'s batch mean
+        var = gaussian_expectation(lambda u: f(u) ** 2, 1.0) - mean**2
+        return m + alpha**2, 1.0 + alpha**2 * gaussian_expectation(
+            lambda u: df(u) ** 2, 1.0
+        ) / var / m
     if ordering == "linear":
         v_h, stream_gain = sigma_w2 * m, 1.0
     else:  # "pre": the branch reads φ(x)
@@ -106,7 +131,7 @@ def residual_chain(
     """Predict the stream's E[x²] and the per-block growth of E‖δ‖² for ``blocks`` blocks.
 
     Args:
-        ordering: "linear", "pre" or "post" (module docstring).
+        ordering: one of :data:`ORDERINGS` (module docstring).
         activation: a name of :mod:`fnbp.activations` (φ inside and, for "pre"/"post", on the
             stream).
         sigma_w2: σ_w² of both branch layers (He: 2).
