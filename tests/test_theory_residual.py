@@ -53,7 +53,8 @@ def test_post_activation_at_alpha_zero_loses_only_the_units_of_the_first_relu():
 
 
 def _numpy_residual_net(ordering, activation, sigma_w2, alpha, blocks, width, batch, seed):
-    """Per-block E[x²] of the stream and E‖∂L/∂x‖²/E‖∂L/∂x'‖², measured on one random net."""
+    """Per-block E[x²] of the stream, E‖∂L/∂x‖²/E‖∂L/∂x'‖² and ‖∂L/∂z‖² at each block's sum,
+    measured on one random net."""
     f, df = NP_ACTS[activation]
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, width))  # N(0, 1): m0 = 1
@@ -81,9 +82,10 @@ def _numpy_residual_net(ordering, activation, sigma_w2, alpha, blocks, width, ba
         x = f(z) if ordering == "post" else z
         m.append(np.mean(x**2))
     s = rng.standard_normal((batch, width))  # ∂L/∂x of the last stream
-    growth = []
+    growth, d_sq = [], []
     for (W1, W2), (x_in, h, z, norms) in zip(reversed(weights), reversed(tape), strict=True):
         d = df(z) * s if ordering == "post" else s  # ∂L/∂z
+        d_sq.append(np.sum(d**2))
         g = alpha * d
         if ordering == "bn":
             g = np_normalize_backward(g, *norms["bn2"], 0)
@@ -98,7 +100,7 @@ def _numpy_residual_net(ordering, activation, sigma_w2, alpha, blocks, width, ba
         s_in = d + branch
         growth.append(np.sum(s_in**2) / np.sum(s**2))
         s = s_in
-    return np.array(m), np.array(growth[::-1])
+    return np.array(m), np.array(growth[::-1]), np.array(d_sq[::-1])
 
 
 def _geomean_ratio(values):
@@ -120,6 +122,9 @@ def test_predictions_match_wide_random_numpy_nets(ordering, activation, alpha):
     assert _geomean_ratio(m) == pytest.approx(_geomean_ratio(want.m), rel=0.04)
     growth = np.exp(np.mean(np.log([r[1] for r in runs]), axis=0))  # per block, over seeds
     np.testing.assert_allclose(growth, want.growth, rtol=0.05)
+    d_sq = np.array([r[2] for r in runs])  # δ at each block's sum: what fnbp.Backprop holds
+    np.testing.assert_allclose(np.exp(np.mean(np.log(d_sq[:, :-1] / d_sq[:, 1:]), axis=0)),
+                               want.delta_sq[:-1] / want.delta_sq[1:], rtol=0.05)  # fmt: skip
     assert np.exp(np.mean(np.log(growth))) == pytest.approx(np.exp(np.mean(np.log(want.growth))), rel=0.04)  # fmt: skip
 
 

@@ -75,11 +75,17 @@ class ResidualChain(NamedTuple):
         m: ``(blocks + 1,)`` E[x²] of the stream entering each block, then leaving the last.
         growth: ``(blocks,)`` E‖∂L/∂x‖² / E‖∂L/∂x'‖² across each block, stream to stream.
         total: the product of ``growth``: E‖δ‖² at the first block's input over the last's output.
+        delta_sq: ``(blocks,)`` E‖δ‖² at each block's sum ``z = x + α·F(x)`` (what
+            :class:`fnbp.Backprop` holds for a residual block), relative to the last block's:
+            ``delta_sq[l − 1]/delta_sq[l]`` is the measurable factor of block l. Except for
+            "post" (where δ at z meets φ′(z) before the stream) it is the product of
+            ``growth`` over the blocks above.
     """
 
     m: np.ndarray
     growth: np.ndarray
     total: float
+    delta_sq: np.ndarray
 
 
 def _check(ordering: str, sigma_w2: float, alpha: float, blocks: int, m0: float) -> None:
@@ -152,15 +158,17 @@ def residual_chain(
             m_next, g = _gaussian_block(ordering, f, df, sigma_w2, alpha, m[-1])
             m.append(m_next)
             growth.append(g)
+        # δ at block l's sum is the stream's error leaving it: the growth of the blocks above
+        delta_sq = np.append(np.cumprod(np.array(growth[:0:-1]))[::-1], 1.0)
     else:
-        m, growth = _post_chain(f, df, sigma_w2, alpha, blocks, m0, samples, seed)
+        m, growth, delta_sq = _post_chain(f, df, sigma_w2, alpha, blocks, m0, samples, seed)
     growth = np.array(growth)
-    return ResidualChain(np.array(m), growth, float(np.prod(growth)))
+    return ResidualChain(np.array(m), growth, float(np.prod(growth)), np.asarray(delta_sq))
 
 
 def _post_chain(f, df, sigma_w2, alpha, blocks, m0, samples, seed):
-    """``(m, growth)`` of the "post" ordering by simulating one coordinate's mean-field chain,
-    forward (``x' = φ(x + g)``) then backward (module docstring)."""
+    """``(m, growth, delta_sq)`` of the "post" ordering by simulating one coordinate's
+    mean-field chain, forward (``x' = φ(x + g)``) then backward (module docstring)."""
     rng = np.random.default_rng(seed)
     x = math.sqrt(m0) * rng.standard_normal(samples)
     m, zs, chis = [float(m0)], [], []
@@ -173,12 +181,14 @@ def _post_chain(f, df, sigma_w2, alpha, blocks, m0, samples, seed):
         x = f(z)
         m.append(float(np.mean(x**2)))
     s = rng.standard_normal(samples)  # ∂L/∂x' of the last block: independent of the stream
-    e_out, growth = float(np.mean(s**2)), []
+    e_out, growth, d_sq = float(np.mean(s**2)), [], []
     for z, chi_h in zip(reversed(zs), reversed(chis), strict=True):
         d = df(z) * s  # ∂L/∂z = φ′(z) ⊙ ∂L/∂x'
+        d_sq.append(float(np.mean(d**2)))
         fresh = math.sqrt(alpha**2 * sigma_w2 * chi_h * float(np.mean(d**2)))
         s = d + fresh * rng.standard_normal(samples)  # ∂L/∂x = d + J_Fᵀd
         e_in = float(np.mean(s**2))
         growth.append(e_in / e_out if e_out > 0 else 0.0)
         e_out = e_in
-    return m, growth[::-1]
+    d_sq = np.array(d_sq[::-1])
+    return m, growth[::-1], d_sq / d_sq[-1] if d_sq[-1] > 0 else d_sq
