@@ -181,3 +181,33 @@ def test_architectures_quick_trains_a_cnn_and_a_bn_resmlp_and_inits_like_pytorch
     assert res["digits_cnn"]["final_accuracy_min"] > 0.6
     assert res["resmlp_bn"]["final_accuracy_min"] > 0.3
     assert {p.name for p in out.glob("*.png")} == {"digits_cnn.png", "resmlp.png"}
+
+
+@pytest.fixture(scope="module")
+def cures(tmp_path_factory):
+    return _run("cures", tmp_path_factory.mktemp("cures"))
+
+
+def test_cures_measured_factors_match_theory_within_5_percent(cures):
+    """--quick: width 128, 3 seeds. Measured: fnbp.backprop's δ; predicted: fnbp.theory."""
+    _, results, _, report = cures
+    rows = {r["name"]: r for r in results["rows"]}
+    assert len(rows) == 25 and all(r["within_goal"] for r in rows.values()), [
+        (r["name"], r["relative_error"]) for r in rows.values() if not r["within_goal"]
+    ]
+    # predictions with closed forms, written out here: (1 + 2α²), 1 + α², (B − 2)/(B − 3)
+    assert rows["linear, α = 1"]["factor_predicted"] == pytest.approx(3.0, rel=1e-9)
+    assert rows["pre, α = 1"]["factor_predicted"] == pytest.approx(2.0, rel=1e-9)
+    assert rows["linear, α = 1/√L"]["factor_predicted"] == pytest.approx(1.2, rel=1e-9)  # L = 10
+    assert rows["Dense→BN (linear), batch 8"]["factor_predicted"] == pytest.approx(1.2, rel=1e-6)
+    assert rows["ReLU, keep 0.8, σ_w² = 2"]["factor_predicted"] == pytest.approx(1.25, rel=1e-9)
+    # BatchNorm explodes faster at a smaller batch, measured as predicted
+    bn = [rows[f"Dense→BN→ReLU, batch {b}"]["factor_measured"] for b in (8, 32, 64)]
+    assert bn[0] > bn[1] > bn[2] > 1.4
+    # α = 0 passes δ through untouched; the 1/√L total stays near (1 + 2/L)^window, far from 3^window
+    assert rows["linear, α = 0"]["factor_measured"] == pytest.approx(1.0, abs=1e-12)
+    r = rows["linear, α = 1/√L"]
+    assert r["total_measured"] == pytest.approx(r["total_predicted"], rel=0.1)
+    assert "25 of 25 measured factors lie within 5%" in report
+    assert [r["width"] for r in results["width_sweep"]] == [64, 128]  # finite width, reported
+    assert all(r["name"] == "post, α = 1" for r in results["width_sweep"])
