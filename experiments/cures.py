@@ -204,10 +204,13 @@ def _table(rows) -> str:
     )  # fmt: skip
 
 
-def plots(rows, run_dir) -> list[str]:
+def plots(results, run_dir) -> list[str]:
+    """One panel per family (measured solid, predicted dotted), and the width sweep."""
+    rows = results["rows"]
     families = list(dict.fromkeys(r["family"] for r in rows))
-    fig, axes = report.figure(1, len(families), size=(4.2 * len(families), 4.0))
-    for ax, family in zip(np.ravel(axes), families, strict=True):
+    fig, axes = report.figure(2, 3, size=(5.0, 3.8))
+    axes = np.ravel(axes)
+    for ax, family in zip(axes, families, strict=False):
         for i, r in enumerate(x for x in rows if x["family"] == family):
             color = f"C{i % 10}"
             ax.plot(r["log10_delta_sq_mean"], color=color, label=r["name"])
@@ -216,7 +219,17 @@ def plots(rows, run_dir) -> list[str]:
         ax.set_xlabel("layer (block) from the input")
         ax.set_ylabel("log₁₀ ‖δ‖²")
         ax.legend(fontsize=6)
+    ax = axes[len(families)]
+    sweep = results["width_sweep"]
+    ax.plot([r["width"] for r in sweep], [100 * r["relative_error"] for r in sweep], "o-")
+    ax.set_xscale("log", base=2)
+    ax.set_title(f"finite width: {sweep[0]['name']}")
+    ax.set_xlabel("width")
+    ax.set_ylabel("error of the measured factor (%)")
+    for ax in axes[len(families) + 1 :]:
+        ax.axis("off")
     fig.suptitle("‖δ‖² at initialization: measured (solid) and predicted (dotted)")
+    fig.tight_layout()
     return [report.save_figure(fig, run_dir / "cures_delta.png")]
 
 
@@ -289,7 +302,7 @@ def main(argv=None) -> str:
     results = run(args)
     rows = results["rows"]
     seconds = time.perf_counter() - start
-    figures = plots(rows, run_dir)
+    figures = plots(results, run_dir)
     report.save_json(run_dir / "results.json", results | {"seconds": seconds})
     write_report(results, run_dir, args, figures, seconds)
     print(f"cures at init (width {args.width}, {args.seeds} seeds, {seconds:.0f} s): "
