@@ -211,3 +211,25 @@ def test_cures_measured_factors_match_theory_within_5_percent(cures):
     assert "25 of 25 measured factors lie within 5%" in report
     assert [r["width"] for r in results["width_sweep"]] == [64, 128]  # finite width, reported
     assert all(r["name"] == "post, α = 1" for r in results["width_sweep"])
+
+
+def test_optimizers_quick_reach_the_bowls_minimum_and_match_the_hand_chain_rule(tmp_path):
+    _, results, _, report = _run("optimizers", tmp_path)
+    assert set(results["bowl"]) == {"SGD", "momentum 0.9", "Nesterov 0.9", "Adam", "AdaBelief",
+                                    "Lookahead(Adam)"}  # fmt: skip
+    for name, r in results["bowl"].items():
+        # 4000 steps at lr 0.01: plain GD shrinks the distance by (1 − 0.02) a step, to e^−80
+        np.testing.assert_allclose(r["final"], [-1.0, 0.0], atol=1e-8, err_msg=name)
+        assert r["f_final"] == pytest.approx(1.0, abs=1e-12) and r["max_grad_gap"] < 1e-12
+        assert np.allclose(r["path"][0], [1.0, 4.0])  # every path starts at (1, 4)
+    # SGD on the bowl moves straight towards the minimum: every point on the line y = 2(x + 1)
+    sgd = np.asarray(results["bowl"]["SGD"]["path"])
+    np.testing.assert_allclose(sgd[:, 1], 2 * (sgd[:, 0] + 1), atol=1e-12)
+    n = results["neuron"]
+    z = n["w"] * n["a_prev"] + n["b"]
+    a = 1 / (1 + np.exp(-z))
+    assert n["by_fnbp"]["dC_dw"] == pytest.approx(n["a_prev"] * a * (1 - a) * 2 * (a - n["y"]), rel=1e-12)  # fmt: skip
+    assert n["by_fnbp"]["dC_db"] == pytest.approx(n["by_hand"]["dC_db"], rel=1e-12)
+    for name, r in results["digits"].items():
+        assert np.all(np.isfinite(r["train_loss"])), name
+        assert np.mean(r["test_accuracy"]) > 0.15, name  # 3 epochs at width 32: above chance
