@@ -30,3 +30,16 @@ def test_readme_counts_the_bad_input_catalogue_as_it_is():
     )
     assert found, "README no longer counts the bad-input catalogue"
     assert (int(found[1]), int(found[2])) == (len(test_bad_inputs.CLI), len(test_bad_inputs.API))
+
+
+def test_readme_layout_names_every_module_and_experiment():
+    text = README.read_text()
+    layout = text[text.index("## Layout") :]
+    root = README.parent
+    names = [p.relative_to(root).as_posix() for p in (root / "fnbp").glob("*.py")]
+    names = [n for n in names if not n.endswith("__init__.py")]
+    names += [p.name for d in ("layers", "theory") for p in (root / "fnbp" / d).glob("*.py")
+              if p.name != "__init__.py"]  # fmt: skip
+    names += [p.name for p in (root / "experiments").glob("*.py")]
+    missing = [n for n in names if n not in layout and n.replace("fnbp/", "") not in layout]
+    assert not missing, f"README's Layout does not name {missing}"
