@@ -48,6 +48,14 @@ def _finite_or_nan(v):
     return np.where(np.isfinite(v), v, np.nan)
 
 
+def nudge(params, ulps: int):
+    """Every parameter moved ``ulps`` units in the last place towards +∞: a perturbation the
+    size of one rounding, the kind another host's instruction set or thread split makes."""
+    for _ in range(ulps):
+        params = jax.tree.map(lambda v: jnp.nextafter(v, jnp.asarray(jnp.inf, v.dtype)), params)
+    return params
+
+
 def train_depth(depth, args, ds, bar) -> dict:
     """Train every scheme × seed at one depth in one vmapped, scan-fused program per epoch."""
     names = args.schemes
@@ -55,6 +63,7 @@ def train_depth(depth, args, ds, bar) -> dict:
     model = fnbp.MLP((ds.num_features, *([args.width] * depth), ds.num_classes), "relu")
     seed_keys = jax.random.split(jax.random.fold_in(jax.random.key(args.seed), depth), S)
     params = train.init_population(seed_keys, model, [SCHEMES[n] for n in names])
+    params = nudge(params, args.init_ulps)
     optimizer = optax.sgd(args.lr) if args.optimizer == "sgd" else optax.adam(args.lr)
     opt_states = jax.vmap(optimizer.init)(params)
     epoch_fn = train.make_population_epoch(model, optimizer, batch_size=args.batch_size)
@@ -334,6 +343,11 @@ def parse_args(argv):
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     p.add_argument("--lr", type=float, help="default 0.01 for sgd, 1e-3 for adam")
     p.add_argument("--probe", type=int, default=256, help="probe batch for per-layer statistics")
+    p.add_argument(
+        "--init-ulps", type=int, default=0,
+        help="move every initial parameter this many ulps up: a perturbation the size of one "
+        "rounding, to see how far the results would move between hosts",
+    )  # fmt: skip
     args = p.parse_args(argv)
     try:
         args.depths = [int(d) for d in args.depths.split(",")]
@@ -350,6 +364,8 @@ def parse_args(argv):
     for name in ("width", "seeds", "epochs", "batch_size", "probe"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.init_ulps < 0:
+        p.error(f"--init-ulps must be >= 0, got {args.init_ulps}")
     if min(args.depths) < 1 or not args.lr > 0:
         p.error("depths must be >= 1 and --lr > 0")
     return args

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -233,3 +234,13 @@ def test_optimizers_quick_reach_the_bowls_minimum_and_match_the_hand_chain_rule(
     for name, r in results["digits"].items():
         assert np.all(np.isfinite(r["train_loss"])), name
         assert np.mean(r["test_accuracy"]) > 0.15, name  # 3 epochs at width 32: above chance
+
+
+def test_init_study_nudge_moves_every_parameter_by_exactly_k_ulps():
+    nudge = _load("init_study").nudge
+    params = [{"W": jnp.array([[0.5, -1.25], [3.0, 0.0]], jnp.float32), "b": jnp.zeros(2, jnp.float32)}]  # fmt: skip
+    moved = nudge(params, 2)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(moved), strict=True):
+        want = np.nextafter(np.nextafter(np.asarray(a), np.inf), np.inf)
+        np.testing.assert_array_equal(np.asarray(b), want)
+    assert nudge(params, 0) is params
