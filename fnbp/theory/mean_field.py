@@ -16,8 +16,10 @@ explode for χ₁ > 1 over the depth scale ``ξ = −1/ln χ₁``. For ReLU ``E[
 ``10⁻⁴·fan_in/2``.
 
 Gaussian expectations use Gauss–Hermite quadrature with an even number of nodes: no node sits
-at h = 0, and the node set is symmetric, so ReLU-family expectations (E[relu(h)²] = q/2,
-E[1(h > 0)] = 1/2) come out exact despite the kink.
+at h = 0, and the node set is symmetric, so the ReLU-family expectations χ and the length map
+need (E[relu(h)²] = q/2, E[1(h > 0)] = 1/2) come out exact despite the kink. An expectation odd
+on one side of the kink is not polynomial there and is only close: E[relu(h)] = √(q/2π) comes
+out 0.2% off (it enters :mod:`fnbp.theory.normalization`'s LayerNorm-after-ReLU factor).
 """
 
 from __future__ import annotations
