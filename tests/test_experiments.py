@@ -244,3 +244,53 @@ def test_init_study_nudge_moves_every_parameter_by_exactly_k_ulps():
         want = np.nextafter(np.nextafter(np.asarray(a), np.inf), np.inf)
         np.testing.assert_array_equal(np.asarray(b), want)
     assert nudge(params, 0) is params
+
+
+def test_cures_training_quick_naive_vanishes_as_theory_says_and_residual_bn_trains(tmp_path):
+    """--quick: digits, 8 hidden layers of 32, 2 seeds, 3 epochs, SGD and Adam."""
+    _, results, _, report = _run("cures_training", tmp_path)
+    rows = {(r["variant"], r["optimizer"], r["init"]): r for r in results["summary"]}
+    assert len(rows) == 6 * 2 * 2
+    for opt in ("sgd", "adam"):
+        # naive N(0, 0.01²): nothing reaches the first layer, whatever the optimizer
+        assert rows[("plain", opt, "naive")]["trained_seeds"] == 0
+        for init in ("he", "naive"):
+            assert rows[("res_bn", opt, init)]["trained_seeds"] == 2, (opt, init)
+    # mean-field: ‖δ‖ shrinks by √(σ_w²·½) = √(10⁻⁴·32·½) = 0.04 per ReLU layer, 7 layers
+    # between the first weight layer and the last one below the output
+    naive = rows[("plain", "sgd", "naive")]["delta_ratio_at_init"]
+    assert 0.3 < naive / 0.04**7 < 3, naive
+    # a residual block x + α·W₂φ(W₁x) from He weights multiplies ‖δ‖² by 1 + 2α² (theory's
+    # "linear" ordering); 4 blocks: ‖δ‖ grows by (1 + 2α²)² from the top block to the bottom
+    for variant, alpha in (("res_1", 1.0), ("res_sqrt", 0.5)):
+        got = rows[(variant, "sgd", "he")]["delta_ratio_at_init"]
+        assert got == pytest.approx((1 + 2 * alpha**2) ** 2, rel=0.25), variant
+    assert "| residual + BN, α = 1 |" in report
+
+
+def test_overfitting_early_stop_rule():
+    early_stop = _load("overfitting").early_stop
+    assert early_stop(np.array([3.0, 2.0, 1.0, 2.0, 3.0, 4.0]), 2) == (3, 5)
+    assert early_stop(np.array([1.0, 2.0, 3.0]), 1) == (1, 2)
+    assert early_stop(np.array([3.0, 2.0, 1.0]), 1) == (3, 3)  # never stopped: the last epoch
+    assert early_stop(np.array([np.nan, 1.0, np.nan, np.nan]), 2) == (2, 4)  # NaN never improves
+    assert early_stop(np.array([2.0, 2.0, 2.0]), 2) == (1, 3)  # a tie is no improvement
+
+
+def test_overfitting_quick_memorizes_and_early_stopping_restores_the_best_epoch(tmp_path):
+    _, results, config, report = _run("overfitting", tmp_path)
+    rows = {r["variant"]: r for r in results["summary"]}
+    assert set(rows) == {"none", "dropout 0.1", "dropout 0.3", "dropout 0.5", "L2 0.001",
+                         "L2 0.01", "early stopping"}  # fmt: skip
+    assert rows["none"]["train_accuracy_mean"] > 0.99  # 200 examples, memorized
+    assert rows["none"]["test_accuracy_mean"] > 0.8
+    h, es = results["history"]["none"], results["history"]["early stopping"]
+    for s, (best, stop) in enumerate(zip(es["best_epoch"], es["stop_epoch"], strict=True)):
+        val = np.asarray(h["val_loss"][s][:stop])
+        assert best == 1 + int(np.argmin(val))  # the lowest validation loss up to the stop
+        assert stop == config["epochs"] or stop == best + config["patience"]
+        assert es["final_test_accuracy"][s] == h["test_accuracy"][s][best - 1]
+    # the regularizers change the training (dropout masks, the penalty's gradient)
+    for name in ("dropout 0.5", "L2 0.01"):
+        assert results["history"][name]["train_loss"] != h["train_loss"], name
+    assert "| early stopping |" in report
