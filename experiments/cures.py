@@ -16,6 +16,7 @@ turns towards its steady direction) and over seeds; beside it the prediction of
 from __future__ import annotations
 
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -221,16 +222,32 @@ def plots(results, run_dir) -> list[str]:
         ax.legend(fontsize=6)
     ax = axes[len(families)]
     sweep = results["width_sweep"]
-    ax.plot([r["width"] for r in sweep], [100 * r["relative_error"] for r in sweep], "o-")
-    ax.set_xscale("log", base=2)
-    ax.set_title(f"finite width: {sweep[0]['name']}")
-    ax.set_xlabel("width")
-    ax.set_ylabel("error of the measured factor (%)")
+    if not sweep:
+        ax.axis("off")
+    else:
+        _sweep_panel(ax, sweep)
     for ax in axes[len(families) + 1 :]:
         ax.axis("off")
     fig.suptitle("‖δ‖² at initialization: measured (solid) and predicted (dotted)")
     fig.tight_layout()
     return [report.save_figure(fig, run_dir / "cures_delta.png")]
+
+
+def _sweep_panel(ax, sweep) -> None:
+    ax.plot([r["width"] for r in sweep], [100 * r["relative_error"] for r in sweep], "o-")
+    ax.set_xscale("log", base=2)
+    ax.set_title(f"finite width: {sweep[0]['name']}")
+    ax.set_xlabel("width")
+    ax.set_ylabel("error of the measured factor (%)")
+
+
+def _sweep_text(sweep: str, args) -> str:
+    return f"""Where finite width breaks the theory (the mean-field chain is the infinite-width limit): the
+post-activation block at α = 1, whose stream grows ~3× a block, measured at several widths
+({args.blocks} blocks, the same seeds):
+
+{sweep}
+"""
 
 
 def write_report(results, run_dir, args, figures, seconds) -> None:
@@ -243,7 +260,7 @@ def write_report(results, run_dir, args, figures, seconds) -> None:
     )  # fmt: skip
     text = f"""# The cures at initialization, beside mean-field theory
 
-Command: `python experiments/cures.py {" ".join(args.argv)}` ({seconds:.0f} s). Width
+Command: `python experiments/cures.py {shlex.join(args.argv)}` ({seconds:.0f} s). Width
 {args.width}, float64, {args.seeds} seeds, He init (dropout rows name their σ_w²), one batch of
 digits; stacks of {args.depth} dense layers, residual nets of {args.blocks} blocks. Factor: ‖δ‖²
 of a layer over the one above, geometric mean over the {args.skip}th layer from the bottom to
@@ -255,11 +272,7 @@ the {args.skip}th from the top and over seeds; the total is the product over tha
 
 ![‖δ‖² across depth]({Path(figures[0]).name})
 
-Where finite width breaks the theory (the mean-field chain is the infinite-width limit): the
-post-activation block at α = 1, whose stream grows ~3× a block, measured at several widths
-({args.blocks} blocks, the same seeds):
-
-{sweep}
+{_sweep_text(sweep, args) if results["width_sweep"] else "No width sweep in this run (`--sweep-widths`)."}
 
 How to read it: a factor above 1 is a gradient that grows towards the input (explodes), below
 1 one that vanishes. BatchNorm explodes at every batch size, fastest at the smallest (the
@@ -280,9 +293,19 @@ def parse_args(argv):
     p.add_argument("--blocks", type=int, default=30, help="blocks of the residual nets")
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--skip", type=int, default=5, help="layers left out at each end")
+    p.add_argument(
+        "--sweep-widths", default="128,256,512,1024",
+        help="comma-separated widths of the finite-width sweep; empty for none",
+    )  # fmt: skip
     args = p.parse_args(argv)
     args.argv = list(argv)
-    args.batches, args.sweep_widths = (8, 64, 256), (128, 256, 512, 1024)
+    try:
+        args.sweep_widths = tuple(int(w) for w in args.sweep_widths.split(",") if w.strip())
+    except ValueError:
+        p.error(f"--sweep-widths must be comma-separated integers, got {args.sweep_widths!r}")
+    if any(w < 1 for w in args.sweep_widths):
+        p.error(f"--sweep-widths must be positive, got {args.sweep_widths}")
+    args.batches = (8, 64, 256)
     if args.quick:
         args.width, args.depth, args.blocks, args.seeds, args.skip = 128, 12, 10, 3, 3
         args.batches, args.sweep_widths = (8, 32, 64), (64, 128)
