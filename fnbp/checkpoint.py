@@ -3,7 +3,7 @@
 A :class:`Checkpoint` holds what a run needs to continue exactly where it stopped: the
 parameters, a net's state (BatchNorm running statistics), the optimizer state, the step and
 epoch counters, the run's PRNG key, the model spec, the run's settings and the loop's own
-bookkeeping (both JSON). :func:`fnbp.fit` writes them with ``checkpoint_dir=`` and continues
+bookkeeping (both JSON), and any params the loop keeps aside (early stopping's best epoch's). :func:`fnbp.fit` writes them with ``checkpoint_dir=`` and continues
 from the newest with ``resume=True``; a run resumed that way ends with parameters and state
 bitwise identical (same device) to a run that was never stopped (dropout masks are a pure
 function of the key and the step). :func:`save_checkpoint` and :func:`load_checkpoint` serve
@@ -20,6 +20,9 @@ member              content
                     (``params/0/W``, ``params/2/gamma``, ``params/4/branch/0/W``: list
                     indices 0-based as in Python, so ``params/2/…`` is layer 3)
 ``state/<path>``    a net's state leaves the same way (``state/2/mean``); format version 2
+``best/params/…``   params the loop kept aside, named as ``params/…`` (:func:`fnbp.fit`'s
+``best/state/…``    early stopping: the best epoch's params and a net's state); absent when
+                    it keeps none (every file written before early stopping existed)
 ``opt_state/<i>``   the optimizer state's leaves, in ``jax.tree`` order
 ``key``             the PRNG key's raw ``uint32`` data (``jax.random.key_data``)
 ``__meta__``        UTF-8 JSON: format, version, step, epoch, model spec (an MLP's four
@@ -89,6 +92,10 @@ class Checkpoint(NamedTuple):
         state: a net's state (:func:`fnbp.init_state`'s structure), required for a net with
             BatchNorm (``None`` stands for the empty state of a net without); ``None`` for an
             MLP. :func:`load_checkpoint` always gives a net's state, an MLP's ``None``.
+        best_params: a second set of params of the same model that the loop keeps aside
+            (for :func:`fnbp.fit`'s early stopping, the best epoch's), or ``None``.
+        best_state: the net's state that goes with ``best_params``, under the same rules as
+            ``state``; :func:`load_checkpoint` gives it whenever it gives ``best_params``.
     """
 
     params: Params
@@ -100,6 +107,8 @@ class Checkpoint(NamedTuple):
     config: dict[str, Any] | None = None
     loop: dict[str, Any] | None = None
     state: list | None = None
+    best_params: Params | None = None
+    best_state: list | None = None
 
 
 def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
@@ -148,27 +157,31 @@ def _leaf_names(tree, prefix: str) -> list[str]:
     return [f"{prefix}/{i}" for i in range(len(jax.tree.leaves(tree)))]
 
 
-def _model_arrays(checkpoint: Checkpoint) -> dict:
-    """The params (and a net's state) of ``checkpoint`` under their member names, checked."""
-    model, params, state = checkpoint.model, checkpoint.params, checkpoint.state
-    check_params(params, model)
+def _model_arrays(model, params, state, field: str = "") -> dict:
+    """The checkpoint's ``{field}params`` and (a net's) ``{field}state``, ``field`` ``""`` or
+    ``"best_"``, under their member names (``params/…``, ``state/…``, or ``best/params/…``,
+    ``best/state/…``), checked against ``model``."""
+    prefix = field.replace("_", "/")
+    what = f"checkpoint.{field}state"
+    check_params(params, model, name=f"checkpoint.{field}params" if field else "params")
     if isinstance(model, MLP):
         if state is not None:
-            check_mode(model, state=state, train=False, key=None, what="checkpoint.state")
+            check_mode(model, state=state, train=False, key=None, what=what)
         return {
-            f"params/{l}/{k}": np.asarray(p[k])
+            f"{prefix}params/{l}/{k}": np.asarray(p[k])
             for l, p in enumerate(params, start=1)
             for k in ("W", "b")
         }
     if state is None:
         if _state_layer(model):
             raise ValueError(
-                f"checkpoint.state is None, but the net's {_state_layer(model)} keeps running "
-                "statistics: pass Checkpoint(..., state=state) (the state training returns)"
+                f"{what} is None, but the net's {_state_layer(model)} keeps running "
+                f"statistics: pass Checkpoint(..., {field}state=state) (the state training "
+                "returns)"
             )
         state = init_state(model)
-    check_mode(model, state=state, train=False, key=None, what="checkpoint.state")
-    named = {**_named_leaves("params", params), **_named_leaves("state", state)}
+    check_mode(model, state=state, train=False, key=None, what=what)
+    named = {**_named_leaves(f"{prefix}params", params), **_named_leaves(f"{prefix}state", state)}
     return {name: np.asarray(v) for name, v in named.items()}
 
 
@@ -176,12 +189,17 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint) -> Path:
     """Write ``checkpoint`` to ``path`` (an ``.npz`` file), atomically.
 
     Raises:
-        ValueError, TypeError: if the params (or a net's state) do not fit the model, the key
-            is not a single typed PRNG key, or ``config``/``loop`` are not JSON-able; nothing
-            is written then.
+        ValueError, TypeError: if the params (or a net's state), or the best ones, do not
+            fit the model, the key is not a single typed PRNG key, or ``config``/``loop`` are
+            not JSON-able; nothing is written then.
     """
     path = Path(path)
-    arrays = _model_arrays(checkpoint)
+    c = checkpoint
+    arrays = _model_arrays(c.model, c.params, c.state)
+    if c.best_params is not None:
+        arrays.update(_model_arrays(c.model, c.best_params, c.best_state, "best_"))
+    elif c.best_state is not None:
+        raise ValueError("checkpoint.best_state is given without checkpoint.best_params")
     key = checkpoint.key
     if (
         not (hasattr(key, "dtype") and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key))
@@ -289,6 +307,9 @@ def load_checkpoint(
         )
     model = stored_model
     params, state = _model_from_arrays(arrays, model, path)
+    best_params = best_state = None
+    if any(name.startswith("best/") for name in arrays):
+        best_params, best_state = _model_from_arrays(arrays, model, path, "best_")
     like = jax.eval_shape(optimizer.init, params)
     like_leaves, treedef = jax.tree.flatten(like)
     names = _leaf_names(like_leaves, "opt_state")
@@ -321,12 +342,21 @@ def load_checkpoint(
         config=meta.get("config") or None,
         loop=meta.get("loop") or None,
         state=state,
+        best_params=best_params,
+        best_state=best_state,
     )
 
 
-def _model_from_arrays(arrays: dict, model, path: Path) -> tuple[Params, list | None]:
+def _model_from_arrays(
+    arrays: dict, model, path: Path | str, field: str = ""
+) -> tuple[Params, list | None]:
     """``(params, state)`` of ``model`` from a checkpoint's arrays (state ``None`` for an
-    MLP), checked against the model."""
+    MLP), checked against the model: those named ``params/…`` and ``state/…``, or with
+    ``field="best_"`` those named ``best/params/…`` and ``best/state/…``."""
+    if field:
+        prefix = field.replace("_", "/")
+        arrays = {n[len(prefix) :]: v for n, v in arrays.items() if n.startswith(prefix)}
+        path = f"{path}: the {field[:-1]} params"
     if isinstance(model, MLP):
         try:
             params = [

@@ -6,7 +6,9 @@ The net is an MLP (``--sizes``), a spec file (``--net FILE.json``, the JSON of
 Bad arguments end in a one-line ``fnbp: error: …`` message and exit code 2, before anything is
 written; ``fnbp check`` exits 1 when the cross-check fails, ``fnbp train`` when training
 diverges. ``fnbp train`` checkpoints as it goes; SIGINT or SIGTERM make it save a checkpoint and
-exit (130 or 143), and ``fnbp train --resume RUN_DIR`` continues the run bit for bit.
+exit (130 or 143), and ``fnbp train --resume RUN_DIR`` continues the run bit for bit. With
+``--early-stopping PATIENCE`` it holds out ``--val-fraction`` of the training set, stops when the
+validation loss has not improved for PATIENCE epochs and saves the best epoch's params.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ TRAIN_SETTINGS = (
     "l2", "optimizer", "lr", "momentum", "batch_size", "epochs", "grads", "compute_dtype",
     "checkpoint_every", "on_nonfinite", "devices",
 )  # fmt: skip
+# ... and those of validation and early stopping, which config.json files written before them
+# lack (read back as None: neither).
+VAL_SETTINGS = ("early_stopping", "val_fraction")
+DEFAULT_VAL_FRACTION = 0.1  # with --early-stopping and no --val-fraction
 # ... and those of a run whose model is a Net: "net" is its full spec (Net.to_dict()), which
 # --resume rebuilds it from; the others record how it was chosen. An MLP run has none of them.
 NET_SETTINGS = ("net", "net_file", "arch", "depth", "width", "norm", "alpha", "dropout")
@@ -111,6 +117,16 @@ def _rate(text):
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be a drop probability in [0, 1), got {text}")
+    return value
+
+
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1), got {text}")
     return value
 
 
@@ -225,6 +241,17 @@ def _parser(raise_errors: bool = False) -> argparse.ArgumentParser:
     t.add_argument(
         "--on-nonfinite", default="stop", choices=("stop", "skip"),
         help="a non-finite loss, gradient or update stops the run (default) or its step is skipped",
+    )  # fmt: skip
+    t.add_argument(
+        "--early-stopping", type=_positive(int), metavar="PATIENCE",
+        help="stop once the validation loss has not improved for PATIENCE epochs; the best "
+        "epoch's params are saved (its number is best_epoch in metrics.jsonl)",
+    )  # fmt: skip
+    t.add_argument(
+        "--val-fraction", type=_fraction, metavar="F",
+        help="hold out this fraction of the training set as a validation set (val_loss in "
+        f"metrics.jsonl), drawn by --seed (default {DEFAULT_VAL_FRACTION} with "
+        "--early-stopping, else none)",
     )  # fmt: skip
     t.add_argument(
         "--devices", type=_devices, default=1, metavar="N|all",
@@ -482,6 +509,7 @@ def _resumed(args, argv) -> tuple[Path, argparse.Namespace]:
         config = json.loads(config_path.read_text())
         saved = {k: config[k] for k in TRAIN_SETTINGS}
         saved.update({k: config.get(k) for k in NET_SETTINGS})  # absent from an MLP run's
+        saved.update({k: config.get(k) for k in VAL_SETTINGS})  # and from older runs' configs
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:  # fmt: skip
         raise UsageError(
             f"{config_path}: not an fnbp train config ({type(e).__name__}: {e})"
@@ -578,9 +606,13 @@ def _run_training(args, argv, stop: _StopOnSignal) -> int:
         model = _build_model(args, ds.num_features, ds.num_outputs)
     ds = _shaped(model, ds, args)
     net = not isinstance(model, MLP)
+    if args.early_stopping is not None and args.val_fraction is None:
+        args.val_fraction = DEFAULT_VAL_FRACTION  # resolved, so config.json records it
+    ds, (x_val, y_val) = _hold_out(ds, args.val_fraction, args.seed)
     if args.batch_size > len(ds.x_train):
+        held = "" if x_val is None else f" left after holding out {len(x_val)} for validation"
         raise UsageError(
-            f"--batch-size {args.batch_size} exceeds the {len(ds.x_train)} training examples"
+            f"--batch-size {args.batch_size} exceeds the {len(ds.x_train)} training examples{held}"
         )
     mesh = None
     if args.devices != 1:
@@ -599,7 +631,7 @@ def _run_training(args, argv, stop: _StopOnSignal) -> int:
 
     checkpoints = out / "checkpoints"
     metrics_path = out / "metrics.jsonl"
-    settings = {k: getattr(args, k) for k in TRAIN_SETTINGS}
+    settings = {k: getattr(args, k) for k in (*TRAIN_SETTINGS, *VAL_SETTINGS)}
     settings.update(sizes=list(args.sizes) if args.sizes else None, loss=args.loss)
     settings.update(_net_settings(args, model))
     if args.data_dir:
@@ -639,7 +671,8 @@ def _run_training(args, argv, stop: _StopOnSignal) -> int:
             model, optimizer, params, ds.x_train, ds.y_train, **state,
             key=k_data, epochs=args.epochs, batch_size=args.batch_size, grads=args.grads,
             l2=args.l2, compute_dtype=_compute_dtype(args.compute_dtype), x_test=ds.x_test,
-            y_test=ds.y_test, on_nonfinite=args.on_nonfinite,
+            y_test=ds.y_test, x_val=x_val, y_val=y_val, early_stopping=args.early_stopping,
+            on_nonfinite=args.on_nonfinite,
             checkpoint_dir=checkpoints, checkpoint_every=args.checkpoint_every, resume=resume,
             config=settings, mesh=mesh, should_stop=stop, progress=not args.no_progress,
             on_epoch=log,
@@ -653,20 +686,57 @@ def _run_training(args, argv, stop: _StopOnSignal) -> int:
         )
         return 128 + signum
     _write_jsonl(metrics_path, history)
-    save_params(out / "params.npz", params, model, *state_out)  # a net's state beside its params
-    final = history[-1]
-    if "test_accuracy" in final:
-        print(
-            f"final test accuracy: {final['test_accuracy']:.4f}  ({args.epochs} epochs, "
-            f"{final['seconds']:.1f} s)"
-        )
-    else:
-        print(
-            f"final test loss: {final['test_loss']:.6f}  ({args.epochs} epochs, "
-            f"{final['seconds']:.1f} s)"
-        )
+    # a net's state beside its params; with --early-stopping, the best epoch's (fit restores them)
+    save_params(out / "params.npz", params, model, *state_out)
+    print(_summary(history, args.early_stopping, args.epochs))
     print(f"run folder: {out}")
     return 0
+
+
+def _hold_out(ds, fraction: float | None, seed: int) -> tuple:
+    """``(ds, (x_val, y_val))``: ``round(fraction · N)`` of the ``N`` training examples, drawn by
+    a permutation seeded by ``seed``, held out as a validation set, the rest left in
+    ``ds.x_train, ds.y_train`` (both in their original order); ``(ds, (None, None))`` without
+    a ``fraction``.
+
+    Raises:
+        UsageError: if the fraction holds out no example, or leaves none to train on.
+    """
+    import numpy as np
+
+    if fraction is None:
+        return ds, (None, None)
+    n = len(ds.x_train)
+    n_val = round(fraction * n)
+    if not 0 < n_val < n:
+        what = "no validation examples" if n_val == 0 else "every one for validation"
+        raise UsageError(
+            f"--val-fraction {fraction} of the {n} training examples holds out {what}; "
+            "choose a fraction that leaves some of each"
+        )
+    perm = np.random.default_rng(seed).permutation(n)
+    val, train = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    rest = ds._replace(x_train=ds.x_train[train], y_train=ds.y_train[train])
+    return rest, (ds.x_train[val], ds.y_train[val])
+
+
+def _summary(history: list[dict], early_stopping: int | None, epochs: int) -> str:
+    """The line ``fnbp train`` ends with: the test accuracy (or loss) of the params it saved,
+    the last epoch's or, with early stopping, the best epoch's."""
+    final = history[-1]
+    kept, when = final, f"{epochs} epochs"
+    if early_stopping is not None:
+        best = final["best_epoch"]
+        if best == 0:
+            return (
+                f"early stopping after {final['epoch']} epochs kept the initial params: no epoch "
+                "had a finite validation loss"
+            )
+        kept, when = history[best - 1], f"epoch {best} of {final['epoch']}, kept by early stopping"
+    ran = f"({when}, {final['seconds']:.1f} s)"
+    if "test_accuracy" in kept:
+        return f"final test accuracy: {kept['test_accuracy']:.4f}  {ran}"
+    return f"final test loss: {kept['test_loss']:.6f}  {ran}"
 
 
 def _compute_dtype(name: str | None):

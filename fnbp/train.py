@@ -21,8 +21,8 @@ Frobenius norm ‖∂L/∂W‖ of each layer's weight gradient, one per layer wi
 
 :func:`fit` also checkpoints and resumes (:mod:`fnbp.checkpoint`), guards against divergence
 (a non-finite loss, gradient or update stops the run with :class:`NonFiniteError`, or is skipped),
-stops cleanly when asked (:class:`Interrupted`), and splits each batch over several devices
-(:func:`data_mesh`).
+stops cleanly when asked (:class:`Interrupted`), stops early when a validation loss stops
+improving (``early_stopping=``), and splits each batch over several devices (:func:`data_mesh`).
 """
 
 from __future__ import annotations
@@ -531,6 +531,10 @@ def fit(
     compute_dtype=None,
     x_test=None,
     y_test=None,
+    x_val=None,
+    y_val=None,
+    early_stopping: int | None = None,
+    restore_best: bool = True,
     on_nonfinite: str = "stop",
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
@@ -542,7 +546,8 @@ def fit(
     progress: bool = True,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> tuple:
-    """Train for ``epochs`` epochs of jitted, scan-fused steps, evaluating after each one.
+    """Train for ``epochs`` epochs (fewer with ``early_stopping``) of jitted, scan-fused
+    steps, evaluating after each one.
 
     Each epoch shuffles with ``fold_in(key, epoch)`` and runs in chunks: one ``lax.scan`` over
     the steps up to the next multiple of ``checkpoint_every`` within the epoch, or to the
@@ -563,6 +568,20 @@ def fit(
             :func:`fnbp.init_state`. An MLP keeps none: leave it ``None``.
         x_test, y_test: evaluated after every epoch when given, in eval mode (a net's
             running statistics, no dropout).
+        x_val, y_val: a validation set, evaluated after every epoch like ``x_test`` (both or
+            neither); it adds ``val_loss`` (the loss of :func:`fnbp.loss`, ``l2`` included)
+            and, for classifiers, ``val_accuracy`` to each record. Early stopping watches it.
+        early_stopping: the patience ``p`` in epochs (a positive int), or ``None``: train all
+            ``epochs``. After each epoch, an epoch whose ``val_loss`` is finite and strictly
+            below every earlier finite one becomes the best epoch (before any does, the best is
+            "epoch 0": the initial params); training stops after epoch ``best_epoch + p``
+            (``p`` epochs without improvement) or after ``epochs``, whichever comes first.
+            Each record gets ``best_epoch``, the best epoch so far. Needs ``x_val, y_val``.
+        restore_best: with ``early_stopping``, return the best epoch's params and state
+            (``True``) or the last epoch's (``False``); the optimizer state is the last
+            epoch's either way. Ignored without ``early_stopping``. The best params and state,
+            epoch and ``val_loss`` are checkpointed, so a resumed run stops, and returns, as
+            an uninterrupted one.
         on_nonfinite: ``"stop"``: a step whose loss, any gradient entry or any updated
             parameter is non-finite ends the run with :class:`NonFiniteError` (naming the step
             and layer; the last checkpoint, all finite, is kept). ``"skip"``: such steps leave
@@ -572,9 +591,10 @@ def fit(
             ``ckpt-<step>.npz``, keeping the newest ``keep_checkpoints``.
         checkpoint_every: chunk length in steps (see above); ``None``: one chunk per epoch.
         resume: continue from the newest checkpoint in ``checkpoint_dir`` (if there is none,
-            start afresh). The run must have the same settings; it then ends with the same
-            params and state, bit for bit, as a run never stopped. Without ``resume``, a
-            ``checkpoint_dir`` that already holds checkpoints is refused.
+            start afresh). The run must have the same settings (``early_stopping`` and
+            ``restore_best`` among them, and as many validation examples); it then ends with
+            the same params and state, bit for bit, as a run never stopped. Without
+            ``resume``, a ``checkpoint_dir`` that already holds checkpoints is refused.
         config: JSON-able settings stored in every checkpoint (the CLI stores its arguments).
         mesh: a :func:`data_mesh`: params, state and data are replicated over its devices and
             each batch is split over its ``"data"`` axis (``batch_size`` must be divisible by
@@ -588,18 +608,24 @@ def fit(
 
     Returns:
         For an MLP ``(params, opt_state, history)``, for a Net ``(params, state, opt_state,
-        history)``; ``history[e]`` is a dict with ``epoch``, ``step`` (steps taken at its end),
-        ``train_loss`` (mean over the epoch's steps), ``grad_norms`` (their mean, one per layer
-        with weights: :func:`weight_layers`), ``seconds`` (training time so far), with
-        ``skipped_steps`` under ``on_nonfinite="skip"`` and, with test data, ``test_loss``
-        and (for classifiers) ``test_accuracy``.
+        history)``: the params and state after the last epoch run, or with ``early_stopping``
+        and ``restore_best`` those of the best epoch; the optimizer state after the last epoch
+        run. ``history`` has one record per epoch run (fewer than ``epochs`` when training
+        stopped early); ``history[e]`` is a dict with ``epoch``, ``step`` (steps taken at its
+        end), ``train_loss`` (mean over the epoch's steps), ``grad_norms`` (their mean, one
+        per layer with weights: :func:`weight_layers`), ``seconds`` (training time so far),
+        with ``skipped_steps`` under ``on_nonfinite="skip"``, with test data ``test_loss``
+        and (for classifiers) ``test_accuracy``, with validation data ``val_loss`` and
+        ``val_accuracy``, and with ``early_stopping`` ``best_epoch``.
 
     Raises:
         NonFiniteError: see ``on_nonfinite``.
         Interrupted: see ``should_stop``.
-        ValueError, TypeError: for bad arguments, empty data or data holding NaN or Inf, a
-            checkpoint folder in use, or a checkpoint that is corrupt or does not fit (naming
-            the file), before any training.
+        ValueError, TypeError: for bad arguments (``early_stopping`` not a positive int or
+            without ``x_val, y_val``; an ``x`` without its ``y`` or the other way round),
+            empty data or data holding NaN or Inf or not fitting the model (naming the
+            argument), a checkpoint folder in use, or a checkpoint that is corrupt or does not
+            fit (naming the file), before any training.
     """
     from tqdm.auto import tqdm
 
@@ -607,8 +633,11 @@ def fit(
         model, optimizer, grads, l2, compute_dtype, epochs, batch_size, on_nonfinite,
         checkpoint_every, keep_checkpoints, mesh,
     )  # fmt: skip
+    _check_early_stopping(early_stopping, restore_best, x_val, y_val)
     state = _initial_state(model, state, key)
-    (x_train, y_train), test = _fit_data(model, params, x_train, y_train, x_test, y_test)
+    (x_train, y_train), test, val = _fit_data(
+        model, params, (x_train, y_train), (x_test, y_test), (x_val, y_val)
+    )
     schedule = _schedule(epochs, batch_size, checkpoint_every, len(x_train))
     settings = {  # a resumed run must agree on all of these to continue bit for bit
         "batch_size": batch_size, "steps_per_epoch": schedule.steps_per_epoch,
@@ -616,12 +645,16 @@ def fit(
         "compute_dtype": None if compute_dtype is None else jnp.dtype(compute_dtype).name,
         "n_train": len(x_train), "devices": 1 if mesh is None else mesh.size,
     }  # fmt: skip
+    if early_stopping is not None:  # only then: runs checkpointed before it existed resume
+        settings.update(early_stopping=early_stopping, restore_best=restore_best,
+                        n_val=len(val[0]))  # fmt: skip
     folder, found = _open_folder(checkpoint_dir, resume)
     if found:
         at = _resume(found, optimizer, model, params, key, settings)
     else:
         empty = _empty_partial(len(weight_layers(model)))
-        at = _Progress(params, state, optimizer.init(params), 0, [], empty, 0.0)
+        best = None if early_stopping is None else _Best(0, math.inf, params, state)
+        at = _Progress(params, state, optimizer.init(params), 0, [], empty, 0.0, best)
     saver = _Saver(folder, keep_checkpoints, model, key, config, settings, found)
     at, x_train, y_train, batch_sharding = _on_mesh(mesh, at, x_train, y_train)
     run = jax.jit(
@@ -630,17 +663,21 @@ def fit(
         static_argnums=7,
     )  # fmt: skip
     chunk = functools.partial(_chunk, run, model, key, x_train, y_train, on_nonfinite, saver)
-    evaluate = functools.partial(_evaluate, model, *test, l2, compute_dtype)
+    evaluate = functools.partial(_evaluate_all, model, {"test": test, "val": val}, l2,
+                                 compute_dtype)  # fmt: skip
     bar = tqdm(total=epochs, initial=at.step // schedule.steps_per_epoch, desc="train",
                unit="epoch", disable=not progress)  # fmt: skip
     try:
         at = _loop(at, schedule, chunk, evaluate, saver, on_nonfinite, should_stop,
-                   functools.partial(_show, bar, on_epoch))  # fmt: skip
+                   functools.partial(_show, bar, on_epoch), early_stopping)  # fmt: skip
     finally:
         bar.close()
+    params, state = at.params, at.state
+    if at.best is not None and restore_best:
+        params, state = at.best.params, at.best.state
     if isinstance(model, MLP):
-        return at.params, at.opt_state, at.history
-    return at.params, at.state, at.opt_state, at.history
+        return params, at.opt_state, at.history
+    return params, state, at.opt_state, at.history
 
 
 class _Progress(NamedTuple):
@@ -654,6 +691,26 @@ class _Progress(NamedTuple):
     history: list  # one record per completed epoch
     partial: dict  # sums over the steps of the epoch in progress
     seconds: float  # training time before this process started (resumed runs)
+    best: _Best | None = None  # early stopping's best epoch so far; None without it
+
+
+class _Best(NamedTuple):
+    """Early stopping's best epoch so far: the 1-based ``epoch`` with the lowest finite
+    ``val_loss`` (0, loss ``inf``: none yet, the initial params), and its params and state.
+    They are the device arrays the epoch ended with; nothing donates or mutates them."""
+
+    epoch: int
+    val_loss: float
+    params: Params
+    state: list | None
+
+
+def _better(best: _Best, epoch: int, val_loss: float, params, state) -> _Best:
+    """``best`` after ``epoch``: that epoch, if its ``val_loss`` is finite and strictly lower
+    (a NaN or Inf never improves), else ``best`` unchanged."""
+    if math.isfinite(val_loss) and val_loss < best.val_loss:
+        return _Best(epoch, val_loss, params, state)
+    return best
 
 
 class _Schedule(NamedTuple):
@@ -677,28 +734,37 @@ class _Schedule(NamedTuple):
             step = epoch * per_epoch
 
 
-def _loop(at, schedule, chunk, evaluate, saver, on_nonfinite, should_stop, show) -> _Progress:
+def _loop(at, schedule, chunk, evaluate, saver, on_nonfinite, should_stop, show,
+          patience=None) -> _Progress:  # fmt: skip
     """Run the chunks left after ``at``, checkpointing after each; the :class:`_Progress` at
     the end.
 
     ``chunk(at, epoch, pos, length)`` runs one (guarded) chunk, ``evaluate(params, state)``
-    gives an epoch's test metrics, ``show(record)`` reports a finished epoch.
+    gives an epoch's test and validation metrics, ``show(record)`` reports a finished epoch.
+    With a ``patience`` (early stopping), ``at.best`` follows the best epoch, and no chunk
+    runs once ``patience`` completed epochs have passed since it.
     """
     before, start = at.seconds, time.perf_counter()
     clock = lambda: before + time.perf_counter() - start  # noqa: E731 (training time so far)
     per_epoch = schedule.steps_per_epoch
     try:
         for epoch, pos, length in schedule.chunks(at.step):
+            if patience is not None and epoch - 1 - at.best.epoch >= patience:
+                break  # stopped early (a resumed run: it had stopped)
             params, state, opt_state, metrics = chunk(at, epoch, pos, length)
-            partial, history = _add_chunk(at.partial, metrics), at.history
+            partial, history, best = _add_chunk(at.partial, metrics), at.history, at.best
             done = pos + length == per_epoch  # the chunk ends its epoch
             if done:
                 record = _epoch_record(epoch, at.step + length, partial, on_nonfinite, clock())
-                history = [*history, {**record, **evaluate(params, state)}]
+                record.update(evaluate(params, state))
+                if patience is not None:
+                    best = _better(best, epoch, record["val_loss"], params, state)
+                    record["best_epoch"] = best.epoch
+                history = [*history, record]
                 partial = _empty_partial(len(partial["grad_norm_sums"]))
             at = at._replace(
                 params=params, state=state, opt_state=opt_state, step=at.step + length,
-                history=history, partial=partial,
+                history=history, partial=partial, best=best,
             )  # fmt: skip
             saver.save(at, clock())
             if done:
@@ -727,9 +793,8 @@ def _chunk(run, model, key, x, y, on_nonfinite, saver, at: _Progress, epoch, pos
 def _show(bar, on_epoch, record: dict) -> None:
     """Report a finished epoch: the progress bar, then ``on_epoch``."""
     bar.update(1)
-    bar.set_postfix(
-        {k: f"{v:.4f}" for k, v in record.items() if k in ("train_loss", "test_accuracy")}
-    )
+    shown = ("train_loss", "val_loss", "test_accuracy")
+    bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k in shown})
     if on_epoch is not None:
         on_epoch(record)
 
@@ -756,6 +821,21 @@ def _check_fit(model, optimizer, grads, l2, compute_dtype, epochs, batch_size, o
     return compute_dtype
 
 
+def _check_early_stopping(early_stopping, restore_best, x_val, y_val) -> None:
+    """Raise for a bad ``early_stopping`` (the patience: a positive int) or ``restore_best``,
+    or for early stopping without a validation set."""
+    if early_stopping is None:
+        return
+    _check_batch_size(early_stopping, "early_stopping")
+    if not isinstance(restore_best, bool):
+        raise TypeError(f"restore_best must be True or False, got {restore_best!r}")
+    if x_val is None and y_val is None:
+        raise ValueError(
+            f"early_stopping={early_stopping} watches the validation loss: pass x_val and y_val "
+            "(examples held out of x_train, y_train)"
+        )
+
+
 def _initial_state(model, state, key):
     """The model state training starts from: ``None`` for an MLP, for a net ``state`` (checked)
     or :func:`fnbp.init_state`."""
@@ -767,18 +847,32 @@ def _initial_state(model, state, key):
     return state
 
 
-def _fit_data(model, params, x_train, y_train, x_test, y_test):
-    """``((x_train, y_train), (x_test, y_test))`` as arrays, checked against the model (the
-    test pair ``(None, None)`` when not given)."""
-    x_train, y_train = jnp.asarray(x_train), jnp.asarray(y_train)
+def _fit_data(model, params, train, test, val) -> tuple:
+    """The ``(x, y)`` pairs ``train``, ``test`` and ``val`` as arrays, each checked against
+    the model (a pair not given stays ``(None, None)``)."""
     check_params(params, model)
-    check_inputs(model, x_train, y_train)
-    _check_data("x_train", x_train, "y_train", y_train)
-    if x_test is not None:
-        x_test, y_test = jnp.asarray(x_test), jnp.asarray(y_test)
-        check_inputs(model, x_test, y_test)
-        _check_data("x_test", x_test, "y_test", y_test)
-    return (x_train, y_train), (x_test, y_test)
+    names = (("x_train", "y_train"), ("x_test", "y_test"), ("x_val", "y_val"))
+    return tuple(
+        _data_pair(model, x_name, x, y_name, y)
+        for (x_name, y_name), (x, y) in zip(names, (train, test, val), strict=True)
+    )
+
+
+def _data_pair(model, x_name: str, x, y_name: str, y) -> tuple:
+    """``(x, y)`` as arrays, checked: both given (or neither: ``(None, None)``), of the shapes
+    the model takes (errors prefixed by the names), non-empty and finite."""
+    if (x is None) != (y is None):
+        given, missing = (x_name, y_name) if y is None else (y_name, x_name)
+        raise ValueError(f"{given} is given without {missing}: pass both or neither")
+    if x is None:
+        return None, None
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    try:
+        check_inputs(model, x, y)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{x_name}, {y_name}: {e}") from None
+    _check_data(x_name, x, y_name, y)
+    return x, y
 
 
 def _check_data(x_name: str, x: Array, y_name: str, y: Array) -> None:
@@ -814,7 +908,11 @@ def _on_mesh(mesh, at: _Progress, x, y):
         params=jax.device_put(at.params, replicated),
         state=jax.device_put(at.state, replicated),
         opt_state=jax.device_put(at.opt_state, replicated),
-    )
+        best=None if at.best is None else at.best._replace(
+            params=jax.device_put(at.best.params, replicated),
+            state=jax.device_put(at.best.state, replicated),
+        ),
+    )  # fmt: skip
     x, y = jax.device_put((x, y), replicated)
     return at, x, y, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
@@ -859,11 +957,15 @@ class _Saver:
         if path != self.last:
             loop = {"settings": self.settings, "history": at.history, "partial": at.partial,
                     "seconds": seconds}  # fmt: skip
+            best = {}
+            if at.best is not None:  # the epoch and loss here, its params and state as arrays
+                loop["best"] = {"epoch": at.best.epoch, "val_loss": at.best.val_loss}
+                best = {"best_params": at.best.params, "best_state": at.best.state}
             epoch = at.step // self.settings["steps_per_epoch"]
             ckpt.save_checkpoint(
                 path,
                 ckpt.Checkpoint(at.params, at.opt_state, at.step, epoch, self.key, self.model,
-                                self.config, loop, at.state),
+                                self.config, loop, at.state, **best),
             )  # fmt: skip
             ckpt.prune_checkpoints(self.folder, self.keep)
             self.last = path
@@ -894,10 +996,17 @@ def _resume(found: list[Path], optimizer, model, params, key, settings) -> _Prog
             raise ValueError(
                 f"{path}: params of dtype {leaf.dtype}, but this run's are {want.dtype}"
             )
-    state = None if isinstance(model, MLP) else c.state
+    mlp = isinstance(model, MLP)
+    best = None
+    if "early_stopping" in settings:  # the settings agree, so the run that wrote it kept a best
+        if c.best_params is None or "best" not in loop:
+            raise ValueError(f"{path}: the checkpoint holds no best params for early stopping")
+        best = _Best(int(loop["best"]["epoch"]), float(loop["best"]["val_loss"]),
+                     c.best_params, None if mlp else c.best_state)  # fmt: skip
     return _Progress(
-        c.params, state, c.opt_state, c.step, loop["history"], loop["partial"], loop["seconds"]
-    )
+        c.params, None if mlp else c.state, c.opt_state, c.step, loop["history"],
+        loop["partial"], loop["seconds"], best,
+    )  # fmt: skip
 
 
 # The guard.
@@ -934,15 +1043,23 @@ def _first_nonfinite(metrics: dict, with_params: list[int]) -> tuple[int, str, l
 # Evaluation and the epoch records.
 
 
-def _evaluate(model, x_test, y_test, l2, compute_dtype, params, state) -> dict:
-    """``test_loss`` (and, for classifiers, ``test_accuracy``) in eval mode; ``{}`` without
-    test data."""
-    if x_test is None:
+def _evaluate(model, x, y, l2, compute_dtype, params, state, name: str = "test") -> dict:
+    """``{name}_loss`` (and, for classifiers, ``{name}_accuracy``) of the data set ``x, y`` in
+    eval mode; ``{}`` without data."""
+    if x is None:
         return {}
-    out = {"test_loss": float(model_loss(params, model, x_test, y_test, l2=l2,
-                                   compute_dtype=compute_dtype, state=state, train=False))}  # fmt: skip
-    if _is_classification(model, y_test):
-        out["test_accuracy"] = float(accuracy(params, model, x_test, y_test, state=state))
+    out = {f"{name}_loss": float(model_loss(params, model, x, y, l2=l2,
+                                      compute_dtype=compute_dtype, state=state, train=False))}  # fmt: skip
+    if _is_classification(model, y):
+        out[f"{name}_accuracy"] = float(accuracy(params, model, x, y, state=state))
+    return out
+
+
+def _evaluate_all(model, sets: dict, l2, compute_dtype, params, state) -> dict:
+    """:func:`_evaluate` of each ``name: (x, y)`` of ``sets`` (``test``, ``val``), merged."""
+    out = {}
+    for name, (x, y) in sets.items():
+        out.update(_evaluate(model, x, y, l2, compute_dtype, params, state, name))
     return out
 
 

@@ -367,3 +367,53 @@ def test_a_net_checkpoint_without_the_running_statistics_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint.state is None.*layer 2 \(batch_norm\)"):
         ck.save_checkpoint(tmp_path / "c.npz", c)
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# best params and state beside the current ones (fnbp.fit's early stopping)
+
+
+def test_best_params_and_a_nets_best_state_round_trip_bitwise_under_best(tmp_path):
+    mlp = _state(OPTIMIZERS["adam"])
+    mlp = mlp._replace(best_params=jax.tree.map(lambda v: v * 0.5, mlp.params))
+    back = ck.load_checkpoint(ck.save_checkpoint(tmp_path / "mlp.npz", mlp), OPTIMIZERS["adam"])
+    chex.assert_trees_all_equal((back.params, back.best_params), (mlp.params, mlp.best_params))
+    assert back.best_state is None
+    net = _net_checkpoint()
+    best_state = jax.tree.map(lambda v: v - 1.0, net.state)
+    net = net._replace(best_params=jax.tree.map(lambda v: v + 1.0, net.params),
+                       best_state=best_state)  # fmt: skip
+    path = ck.save_checkpoint(tmp_path / "net.npz", net)
+    back = ck.load_checkpoint(path, OPTIMIZERS["adam"], net.model)
+    chex.assert_trees_all_equal(
+        (back.params, back.state, back.best_params, back.best_state),
+        (net.params, net.state, net.best_params, net.best_state),
+    )
+    names = set(ck.verify_checkpoint(path)["arrays"])
+    assert {"best/params/0/W", "best/params/1/gamma", "best/state/1/mean"} <= names
+    assert {n[len("best/") :] for n in names if n.startswith("best/")} == {
+        n for n in names if n.startswith(("params/", "state/"))
+    }
+
+
+def test_a_checkpoint_without_best_params_loads_with_none_there(saved):
+    path, _ = saved
+    back = ck.load_checkpoint(path, OPTIMIZERS["adam"], MODEL)
+    assert back.best_params is None and back.best_state is None
+    assert not any(n.startswith("best/") for n in ck.verify_checkpoint(path)["arrays"])
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda c: c._replace(best_params=c.params[:1]), "checkpoint.best_params has 1 entries but the net has"),
+        (lambda c: c._replace(best_state=c.state), "best_state is given without"),
+        (lambda c: c._replace(best_params=c.params, best_state=None),
+         r"checkpoint.best_state is None.*layer 2 \(batch_norm\)"),
+    ],
+    ids=["best-params-of-another-model", "best-state-alone", "net-best-without-statistics"],
+)  # fmt: skip
+def test_unsavable_best_params_raise_and_write_nothing(tmp_path, change, match):
+    with pytest.raises(ValueError, match=match):
+        ck.save_checkpoint(tmp_path / "c.npz", change(_net_checkpoint()))
+    assert list(tmp_path.iterdir()) == []

@@ -169,6 +169,78 @@ def test_train_overwrite_reuses_a_non_empty_folder(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------
+# train: --early-stopping and --val-fraction
+
+
+def test_train_early_stopping_saves_the_best_epochs_params_and_names_the_epoch(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", *SMALL, "--epochs", "15", "--lr", "0.1", "--early-stopping", "2"]
+    assert main([*argv, "--out", str(out)]) == 0
+    records = _records(out)
+    val = np.array([r["val_loss"] for r in records])
+    best = records[-1]["best_epoch"]
+    assert best == int(np.argmin(val)) + 1 and len(records) == best + 2 < 15  # stopped early
+    assert [r["best_epoch"] for r in records] == [
+        int(np.argmin(val[:e])) + 1 for e in range(1, len(val) + 1)
+    ]
+    # 144 of the 1437 training examples held out: 1293 // 32 = 40 steps an epoch
+    assert [r["step"] for r in records] == [40 * r["epoch"] for r in records]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["early_stopping"], config["val_fraction"]) == (2, 0.1)
+    # params.npz holds the best epoch's params: they give its test metrics, not the last one's
+    params, model = load_params(out / "params.npz")
+    ds = fnbp.data.load_digits(seed=0)
+    kept = records[best - 1]
+    assert float(fnbp.accuracy(params, model, ds.x_test, ds.y_test)) == kept["test_accuracy"]
+    # the same function of the same arrays: rtol allows only another fusion (the last epoch's
+    # test loss is more than 10% off)
+    test_loss = float(fnbp.loss(params, model, ds.x_test, ds.y_test))
+    np.testing.assert_allclose(test_loss, kept["test_loss"], rtol=1e-6)
+    assert abs(records[-1]["test_loss"] - test_loss) > 0.1 * test_loss
+    printed = capsys.readouterr().out
+    assert (
+        f"final test accuracy: {kept['test_accuracy']:.4f}  (epoch {best} of {len(records)}, "
+        "kept by early stopping"
+    ) in printed
+    # --resume of the stopped run reads the early-stopping settings back and changes nothing
+    before = _arrays(out)
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    after = _arrays(out)
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert _records(out) == records
+
+
+def test_train_val_fraction_alone_logs_val_metrics_without_stopping(tmp_path):
+    out = tmp_path / "run"
+    rc, _ = _train_quietly(out, "--epochs", "2", "--val-fraction", "0.25")
+    assert rc == 0
+    records = _records(out)
+    assert len(records) == 2 and all("best_epoch" not in r for r in records)
+    assert all(0 < r["val_loss"] and 0 <= r["val_accuracy"] <= 1 for r in records)
+    assert records[0]["step"] == (1437 - 359) // 32  # round(0.25 · 1437) = 359 held out
+    config = json.loads((out / "config.json").read_text())
+    assert (config["early_stopping"], config["val_fraction"]) == (None, 0.25)
+
+
+def test_hold_out_is_a_partition_of_the_training_set_drawn_by_the_seed():
+    from fnbp.cli import _hold_out
+
+    ds = fnbp.data.load_digits(seed=0)
+    rest, (x_val, y_val) = _hold_out(ds, 0.1, seed=0)
+    assert (len(x_val), len(rest.x_train)) == (144, 1293) and len(y_val) == 144
+    rows = lambda x: sorted(map(bytes, x))  # noqa: E731 (each example's bytes)
+    assert rows(np.concatenate([rest.x_train, x_val])) == rows(ds.x_train)  # nothing lost
+    np.testing.assert_array_equal(rest.x_test, ds.x_test)  # the test set untouched
+    again = _hold_out(ds, 0.1, seed=0)[1][0]
+    other = _hold_out(ds, 0.1, seed=1)[1][0]
+    np.testing.assert_array_equal(again, x_val)
+    assert rows(other) != rows(x_val)
+    same, none = _hold_out(ds, None, seed=0)
+    assert same is ds and none == (None, None)
+
+
+# ----------------------------------------------------------------------------------------------
 # train: bad input is reported in one line, exit code 2, nothing written
 
 

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -460,6 +461,154 @@ def test_fit_refuses_bad_checkpoint_and_guard_settings(digits, tmp_path, kwargs,
     with pytest.raises(ValueError, match=match):
         _fit(digits, folder, epochs=1, **kwargs)
     assert not (tmp_path / "ckpt").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# fit: early stopping on a validation set
+
+ES_NET = fnbp.Net(64, [fnbp.layers.Dense(32), fnbp.layers.BatchNorm(activation="relu"),
+                       fnbp.layers.Dense(10)])  # fmt: skip
+
+
+def _es_fit(ds, folder=None, *, model=DIGITS_MODEL, lr=0.1, epochs=20, patience=3, every=None,
+            **kwargs):  # fmt: skip
+    """fit on 64 digits (4 steps of 16 per epoch) at a high lr, watching 200 other training
+    examples: it overfits within a few epochs, so the val loss turns up long before ``epochs``."""
+    params = fnbp.init_params(jax.random.key(0), model)
+    state = {} if isinstance(model, fnbp.MLP) else {"state": fnbp.init_state(model)}
+    return train.fit(
+        model, optax.sgd(lr, momentum=0.9), params, ds.x_train[:64], ds.y_train[:64],
+        key=jax.random.key(1), epochs=epochs, batch_size=16, x_val=ds.x_train[1000:1200],
+        y_val=ds.y_train[1000:1200], early_stopping=patience, checkpoint_dir=folder,
+        checkpoint_every=every, progress=False, **state, **kwargs,
+    )  # fmt: skip
+
+
+def _without(history, *keys):
+    return [{k: v for k, v in r.items() if k not in keys} for r in history]
+
+
+@pytest.fixture(scope="module")
+def es_reference(digits, tmp_path_factory):
+    """An uninterrupted early-stopped run (patience 3), checkpointed every 2 steps (2 chunks
+    per epoch)."""
+    return _es_fit(digits, tmp_path_factory.mktemp("es") / "ref", every=2)
+
+
+def test_early_stopping_stops_p_epochs_after_the_lowest_val_loss_and_returns_its_params(
+    digits, es_reference
+):
+    params, _, history = es_reference
+    # the witness: the best epoch and the stop from the history's val losses alone
+    val = np.array([r["val_loss"] for r in history])
+    best = int(np.argmin(val)) + 1
+    assert len(history) == best + 3 < 20  # it stopped early: the val loss really turned up
+    assert val[-1] > val[best - 1] and 0 < history[-1]["val_accuracy"] <= 1
+    assert [r["best_epoch"] for r in history] == [
+        int(np.argmin(val[:e])) + 1 for e in range(1, len(val) + 1)
+    ]
+    # the same run without early stopping, cut at the best epoch (epoch e shuffles with
+    # fold_in(key, e) either way): the params returned, bit for bit
+    cut, _, _ = _es_fit(digits, epochs=best, patience=None, every=2)
+    chex.assert_trees_all_equal(params, cut)
+
+
+def test_early_stopping_returns_the_optimizer_state_at_the_stop_and_without_restore_best_its_params(
+    digits, es_reference
+):
+    params, opt_state, history = es_reference
+    stop = len(history)
+    last, last_opt_state, full = _es_fit(digits, epochs=stop, patience=None, every=2)
+    chex.assert_trees_all_equal(opt_state, last_opt_state)
+    assert _without(history, "seconds", "best_epoch") == _without(full, "seconds")
+    assert not np.array_equal(params[0]["W"], last[0]["W"])
+    unrestored, _, again = _es_fit(digits, every=2, restore_best=False)
+    chex.assert_trees_all_equal(unrestored, last)
+    assert _without(again, "seconds") == _without(history, "seconds")
+
+
+def test_an_infinite_val_loss_never_improves_so_the_initial_params_come_back():
+    model = fnbp.MLP((6, 16, 2), "tanh", "mse")
+    _, x, _ = _toy(n=32)
+    y = jnp.tanh(x[:, :2])
+    params = fnbp.init_params(jax.random.key(1), model)
+    y_far = jnp.full((16, 2), 1e30, jnp.float32)  # finite, but (ŷ − 1e30)² overflows to inf
+    out, _, history = train.fit(
+        model, optax.sgd(0.1), params, x, y, key=jax.random.key(0), epochs=10, batch_size=8,
+        x_val=x[:16], y_val=y_far, early_stopping=2, progress=False,
+    )  # fmt: skip
+    assert [r["val_loss"] for r in history] == [math.inf, math.inf]
+    assert [r["best_epoch"] for r in history] == [0, 0]  # "epoch 0": the initial params
+    chex.assert_trees_all_equal(out, params)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]  # it did train meanwhile
+
+
+def test_only_a_finite_strictly_lower_val_loss_makes_a_new_best():
+    best = train._Best(2, 0.5, "params of epoch 2", None)
+    for loss in (math.nan, -math.inf, math.inf, 0.5, 0.7):
+        assert train._better(best, 3, loss, "params of epoch 3", None) is best
+    assert train._better(best, 3, 0.4999, "p3", "s3") == train._Best(3, 0.4999, "p3", "s3")
+
+
+@pytest.mark.parametrize(
+    "where", ["mid-epoch-before-the-best", "mid-epoch-after-the-best", "at-the-stop"]
+)
+def test_an_early_stopped_fit_interrupted_and_resumed_ends_bitwise_identical(
+    digits, tmp_path, es_reference, where
+):
+    ref_params, ref_opt_state, ref_history = es_reference
+    best, stop = ref_history[-1]["best_epoch"], len(ref_history)
+    assert 2 <= best < stop < 20
+    calls = {"mid-epoch-before-the-best": 2 * best - 3, "mid-epoch-after-the-best": 2 * best + 1,
+             "at-the-stop": 2 * stop}[where]  # fmt: skip
+    with pytest.raises(train.Interrupted) as e:
+        _es_fit(digits, tmp_path, every=2, should_stop=_stop_after(calls))
+    assert e.value.step == 2 * calls
+    c = fnbp.checkpoint.load_checkpoint(e.value.checkpoint, optax.sgd(0.1, momentum=0.9))
+    kept = ref_history[calls // 2 - 1]["best_epoch"]  # the best of the epochs completed
+    assert c.loop["best"] == {"epoch": kept, "val_loss": ref_history[kept - 1]["val_loss"]}
+    if kept == best:
+        chex.assert_trees_all_equal(c.best_params, ref_params)
+    params, opt_state, history = _es_fit(digits, tmp_path, every=2, resume=True)
+    chex.assert_trees_all_equal((params, opt_state), (ref_params, ref_opt_state))  # bit for bit
+    assert _without(history, "seconds") == _without(ref_history, "seconds")
+
+
+def test_a_nets_early_stopped_fit_returns_and_resumes_the_best_epochs_running_statistics(
+    digits, tmp_path
+):
+    ref = _es_fit(digits, tmp_path / "ref", model=ES_NET, lr=0.3, patience=2)
+    params, state, _, history = ref
+    best = history[-1]["best_epoch"]
+    assert best < len(history) < 20 and not np.allclose(state[1]["mean"], 0.0)
+    # they are the best epoch's params and statistics: in eval mode they give its val loss
+    # (the same function of the same arrays; the tolerance allows only another fusion, while
+    # the next epoch's val loss is 30% off)
+    val = fnbp.loss(params, ES_NET, digits.x_train[1000:1200], digits.y_train[1000:1200],
+                    state=state, train=False)  # fmt: skip
+    np.testing.assert_allclose(float(val), history[best - 1]["val_loss"], rtol=1e-6)
+    with pytest.raises(train.Interrupted):
+        _es_fit(digits, tmp_path / "run", model=ES_NET, lr=0.3, patience=2,
+                should_stop=_stop_after(best + 1))  # fmt: skip
+    resumed = _es_fit(digits, tmp_path / "run", model=ES_NET, lr=0.3, patience=2, resume=True)
+    chex.assert_trees_all_equal(resumed[:3], ref[:3])  # params, statistics, optimizer state
+    assert _without(resumed[3], "seconds") == _without(history, "seconds")
+
+
+@pytest.mark.parametrize(
+    "first, then, match",
+    [
+        ({"patience": 3}, {"patience": 4}, "early_stopping 3 there, 4 here"),
+        ({"patience": 3}, {"restore_best": False}, "restore_best True there, False here"),
+        ({"patience": None}, {"patience": 3}, "early_stopping None there, 3 here"),
+    ],
+    ids=["patience", "restore-best", "early-stopping-added"],
+)
+def test_fit_resume_with_other_early_stopping_settings_is_refused(digits, tmp_path, first, then,
+                                                                   match):  # fmt: skip
+    _es_fit(digits, tmp_path, epochs=1, **first)
+    with pytest.raises(ValueError, match=rf"ckpt-000000004.npz: .*other settings.*{match}"):
+        _es_fit(digits, tmp_path, epochs=2, resume=True, **{"patience": 3, **then})
 
 
 # ----------------------------------------------------------------------------------------------
