@@ -294,3 +294,22 @@ def test_overfitting_quick_memorizes_and_early_stopping_restores_the_best_epoch(
     for name in ("dropout 0.5", "L2 0.01"):
         assert results["history"][name]["train_loss"] != h["train_loss"], name
     assert "| early stopping |" in report
+
+
+def test_overfitting_early_stop_rule_agrees_with_fits_early_stopping():
+    """The experiment applies the rule to recorded curves; fnbp.fit applies it online."""
+    import optax
+
+    early_stop = _load("overfitting").early_stop
+    ds = fnbp.data.load_digits()
+    model = fnbp.MLP((64, 64, 10), "relu")
+    params = fnbp.init_params(jax.random.key(0), model, "he_normal")
+    _, _, history = fnbp.fit(
+        model, optax.sgd(0.1, momentum=0.9), params, ds.x_train[:64], ds.y_train[:64],
+        key=jax.random.key(1), epochs=30, batch_size=16, x_val=ds.x_train[1000:1200],
+        y_val=ds.y_train[1000:1200], early_stopping=3, progress=False,
+    )  # fmt: skip
+    val = np.array([r["val_loss"] for r in history])
+    best, stop = early_stop(val, 3)
+    assert stop == len(history) < 30  # it did stop early
+    assert best == history[-1]["best_epoch"]
