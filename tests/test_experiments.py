@@ -247,11 +247,11 @@ def test_init_study_nudge_moves_every_parameter_by_exactly_k_ulps():
 
 
 def test_cures_training_quick_naive_vanishes_as_theory_says_and_residual_bn_trains(tmp_path):
-    """--quick: digits, 8 hidden layers of 32, 2 seeds, 3 epochs, SGD and Adam."""
-    _, results, _, report = _run("cures_training", tmp_path)
+    """--quick: digits, 8 hidden layers of 32, 2 seeds, 3 epochs; SGD only (half the compiling)."""
+    _, results, _, report = _run("cures_training", tmp_path, "--optimizers", "sgd")
     rows = {(r["variant"], r["optimizer"], r["init"]): r for r in results["summary"]}
-    assert len(rows) == 6 * 2 * 2
-    for opt in ("sgd", "adam"):
+    assert len(rows) == 6 * 1 * 2
+    for opt in ("sgd",):
         # naive N(0, 0.01²): nothing reaches the first layer, whatever the optimizer
         assert rows[("plain", opt, "naive")]["trained_seeds"] == 0
         for init in ("he", "naive"):
