@@ -74,7 +74,7 @@ def optimizers(args) -> dict[str, optax.GradientTransformation]:
 
 
 def _population(net, seed_keys, P: int):
-    """Params for every init × seed (init-major), a state and an optimizer state per member."""
+    """Params for every init × seed (init-major) and a state per member."""
     params = train.init_population(seed_keys, net, list(INITS.values()))
     states = jax.vmap(lambda _: fnbp.init_state(net))(jnp.arange(P))
     return params, states
@@ -274,7 +274,7 @@ def plots(results, run_dir, args) -> list[str]:
     return [report.save_figure(fig, run_dir / "accuracy_curves.png")]
 
 
-def _trained(rows, **where) -> list[str]:
+def _trained(rows, **where) -> list[dict]:
     return [r for r in rows if all(r[k] == v for k, v in where.items())]
 
 
