@@ -5,7 +5,7 @@ hand-written backward pass (:func:`backprop`) and by ``jax.grad`` (:func:`autodi
 and :func:`crosscheck` shows that they agree, with finite differences as a third witness.
 """
 
-from fnbp import checkpoint, data, diagnostics, engine, layers, report, theory
+from fnbp import checkpoint, data, diagnostics, engine, instruments, layers, report, theory
 from fnbp.activations import ACTIVATIONS, Activation
 from fnbp.backprop import Backprop, backprop, per_example_grads
 from fnbp.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -20,6 +20,7 @@ from fnbp.initializers import (
     sigma_w2,
     variance_scaling_scheme,
 )
+from fnbp.instruments import GradientStats, PerExampleNorms, gradient_stats, per_example_grad_norms
 from fnbp.io import load_params, load_state, save_params
 from fnbp.losses import LOSSES, Loss
 from fnbp.model import MLP, accuracy, forward, init_state, loss
@@ -42,6 +43,7 @@ __all__ = [
     "LOSSES",
     "MLP",
     "Net",
+    "PerExampleNorms",
     "NonFiniteError",
     "SCHEMES",
     "Activation",
@@ -49,6 +51,7 @@ __all__ = [
     "Checkpoint",
     "CrosscheckReport",
     "FlaxMLP",
+    "GradientStats",
     "FlaxNet",
     "InitScheme",
     "Interrupted",
@@ -64,10 +67,12 @@ __all__ = [
     "engine",
     "fit",
     "forward",
+    "gradient_stats",
     "from_flax",
     "init_params",
     "init_population",
     "init_state",
+    "instruments",
     "layers",
     "layer_stats",
     "load_checkpoint",
@@ -78,6 +83,7 @@ __all__ = [
     "make_train_epoch",
     "make_train_step",
     "normal_scheme",
+    "per_example_grad_norms",
     "per_example_grads",
     "report",
     "save_checkpoint",

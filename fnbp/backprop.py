@@ -85,9 +85,19 @@ class Backprop(NamedTuple):
     state: list | None = None
 
 
-def _backprop(
+class _Backward(NamedTuple):
+    """Everything one forward and backward pass computed (internal: the instruments read it)."""
+
+    loss: Array
+    grads: Params
+    trace: object  # fnbp.engine.Trace: z, a and each layer's cache
+    deltas: list  # δ of every layer, nested {"out", "branch"} for residual blocks
+    input_grad: Array  # ∂L/∂x, shape (batch, *input_shape)
+
+
+def _backward(
     params, model, x, y, l2, compute_dtype=None, state=None, masks=None, train=False
-) -> Backprop:
+) -> _Backward:
     layers, loss_fn = model.layers, model.loss_fn
     # z⁽ⁱ⁾ = op_i(a⁽ⁱ⁻¹⁾), a⁽ⁱ⁾ = f_i(z⁽ⁱ⁾); a⁽⁰⁾ = x; in compute_dtype when given
     tr = run(params, model, x, state=state, masks=masks, train=train, compute_dtype=compute_dtype)
@@ -99,10 +109,20 @@ def _backprop(
     delta = loss_fn.delta(z_out, a_out, t, g_prime) / x.shape[0]  # δ⁽ᴸ⁾ = (p − y)/B, …
     delta = delta.astype(tr.z[-1].dtype)  # back to the compute dtype for the matmuls
     # for i = L…1: ∂L/∂θ⁽ⁱ⁾ and ∂L/∂a⁽ⁱ⁻¹⁾ by layer i's rule, then δ⁽ⁱ⁻¹⁾ = f′(z⁽ⁱ⁻¹⁾) ⊙ ∂L/∂a⁽ⁱ⁻¹⁾
-    grads, deltas, _ = backward_seq(layers, params, tr, delta, l2)
+    grads, deltas, back = backward_seq(layers, params, tr, delta, l2)
+    return _Backward(loss, grads, tr, deltas, back)
+
+
+def _backprop(
+    params, model, x, y, l2, compute_dtype=None, state=None, masks=None, train=False
+) -> Backprop:
+    out = _backward(params, model, x, y, l2, compute_dtype, state, masks, train)
+    loss, grads, tr, deltas = out.loss, out.grads, out.trace, out.deltas
     if isinstance(model, MLP):
         return Backprop(loss, grads, deltas, tr.z, tr.a[1:])
-    return Backprop(loss, grads, deltas, nested(layers, tr, "z"), nested(layers, tr, "a"), tr.state)
+    return Backprop(
+        loss, grads, deltas, nested(model.layers, tr, "z"), nested(model.layers, tr, "a"), tr.state
+    )
 
 
 def _keyed_backprop(params, model, x, y, l2, compute_dtype=None, state=None, key=None, train=False):
@@ -201,11 +221,21 @@ def per_example_grads(
     check_inputs(model, x, y)
     check_l2(l2)
     train = check_mode(model, state=state, train=train, key=key, what="per_example_grads")
+    check_independent(model, train, "per_example_grads")
+    return _per_example_grads_jit(params, model, x, y, l2, state, key, train=train)
+
+
+def check_independent(model, train: bool, what: str) -> None:
+    """Refuse per-example quantities where the examples of a batch are coupled.
+
+    Raises:
+        ValueError: naming the layer, for train-mode BatchNorm (its statistics come from the
+            whole batch, so one example's loss depends on every other example).
+    """
     if train and model.couples_examples:
         layer = model.find(lambda l: l.couples_examples)
         raise ValueError(
-            f"per_example_grads: the net's {layer} couples the examples of a batch in train "
-            "mode (its statistics come from the whole batch), so per-example gradients are not "
-            "defined; use train=False (running statistics) instead"
+            f"{what}: the net's {layer} couples the examples of a batch in train mode (its "
+            "statistics come from the whole batch), so per-example gradients are not defined; "
+            "use train=False (running statistics) instead"
         )
-    return _per_example_grads_jit(params, model, x, y, l2, state, key, train=train)

@@ -15,6 +15,8 @@ method                                 returns
                                        ``None`` or the deltas of a nested sequence
 ``weights(p)``                         the leaves L2 decays and ``grad_norms`` measures
 ``regions(cache)``                     kink indicators besides the activation's (max-pool)
+``example_grads(p, x, cache, δ)``      each own leaf's per-example gradients, as an array
+                                       ``(batch, *leaf)`` or an :class:`Outer` (δ per example)
 ``draw_mask(key, in_shape, batch)``    dropout masks (``None`` for every other kind)
 =====================================  =========================================================
 """
@@ -22,9 +24,33 @@ method                                 returns
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
+
+import jax
 
 from fnbp.activations import Activation, get_activation
+
+
+class Outer(NamedTuple):
+    """Per-example gradients of a weight leaf, kept factored: example ``i``'s gradient is
+
+        gᵢ = Σₜ out[i, t] ⊗ inp[i, t]          an ``(n_out, n_in)`` matrix
+
+    summed over the ``T`` positions ``t`` a weight is shared across (1 for a dense layer, the
+    output positions of a convolution), reshaped to the leaf's shape (transposed first when
+    ``transposed``: a convolution stores its kernel as ``(*k, C_in, C_out)``). Forming gᵢ for
+    every example would cost ``batch × leaf`` memory; the factors cost ``batch·T·(n_out + n_in)``.
+
+    Attributes:
+        out: ``(batch, T, n_out)``, the per-example error signal (δ of the examples' own losses).
+        inp: ``(batch, T, n_in)``, what the weight multiplies (the layer's input, or its
+            windows for a convolution).
+        transposed: the leaf is laid out as ``(n_in, n_out)``.
+    """
+
+    out: jax.Array
+    inp: jax.Array
+    transposed: bool = False
 
 
 class LayerError(ValueError):
@@ -102,6 +128,13 @@ class Layer:
 
     def regions(self, x, cache) -> list:
         return []
+
+    def example_grads(self, p: dict, x, cache, delta) -> dict:
+        """Each own leaf's (not a branch's) per-example gradient of the examples' own losses,
+        from the layer's input ``x``, its cache and ``delta`` = ∂ℓᵢ/∂z (one row per example,
+        no 1/B): an :class:`Outer` for a weight matrix, a ``(batch, *leaf)`` array for a small
+        leaf. L2 is not included. ``{}`` for a kind without params."""
+        return {}
 
     @property
     def needs_state(self) -> bool:

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fnbp.initializers import draw_bias, draw_matrix
-from fnbp.layers.base import Layer, LayerError, int_tuple, positive_int
+from fnbp.layers.base import Layer, LayerError, Outer, int_tuple, positive_int
 from fnbp.layers.dense import decay
 from fnbp.layers.pool import unwindows, windows
 
@@ -174,13 +174,17 @@ class Conv(Layer):
             z = z + p["b"].reshape((1,) * (z.ndim - 1) + (-1,))
         return z, None, {}
 
+    def window_pads(self, in_spatial, out_spatial) -> list[tuple[int, int]]:
+        """The padding that makes x̃ exactly: the padded input may hold a few rows no window
+        reaches, cropped from the high side (a negative ``hi``)."""
+        return [(lo, hi - (n + lo + hi - k - (o - 1) * s))
+                for n, o, k, s, (lo, hi) in zip(in_spatial, out_spatial, self.kernel_size, self.strides, self.pads(in_spatial), strict=True)]  # fmt: skip
+
     def backward(self, p, x, cache, delta, l2):
         W, d = p["W"], self.ndim
         _, w_spec, back_spec = _SPECS[d]
         n_in, n_out, pads = x.shape[1:-1], delta.shape[1:-1], self.pads(x.shape[1:-1])
-        # the padded input may hold a few rows no window reaches: crop them from the high side
-        w_pads = [(lo, hi - (n + lo + hi - k - (o - 1) * s))
-                  for n, o, k, s, (lo, hi) in zip(n_in, n_out, self.kernel_size, self.strides, pads, strict=True)]  # fmt: skip
+        w_pads = self.window_pads(n_in, n_out)
         if any(s > 1 for s in self.strides):  # dilated convolutions: matmuls over windows instead
             return _backward_by_windows(self, p, x, delta, l2, w_pads)
         # ∂L/∂W[k, i, c] = Σ_{n,o} x̃[n, o·s + k, i] δ[n, o, c] + λW   (batch contracted like a feature)
@@ -198,8 +202,30 @@ class Conv(Layer):
         )
         return grads, back, None
 
+    def example_grads(self, p, x, cache, delta):
+        rows_p = _patches(self, x, self.window_pads(x.shape[1:-1], delta.shape[1:-1]))[1]
+        B = x.shape[0]
+        # ∂ℓᵢ/∂W = Σₒ x̃ᵢ[o·s + k] ⊗ δᵢ[o]: the windows Pᵢ against δᵢ, kernel laid out (K·C_in, C_out)
+        g = {
+            "W": Outer(
+                delta.reshape(B, -1, delta.shape[-1]), rows_p.reshape(B, -1, rows_p.shape[-1]), True
+            )
+        }
+        space = tuple(range(1, delta.ndim - 1))
+        return g | ({"b": jnp.sum(delta, axis=space)} if "b" in p else {})  # ∂ℓᵢ/∂b = Σₒ δᵢ[o]
+
     def weights(self, p):
         return [p["W"]]
+
+
+def _patches(layer: Conv, x, pads):
+    """``(x̃, P)``: the input padded (or cropped) by ``pads`` and its windows as rows
+    ``P[n, o, (k, i)] = x̃[n, o·s + k, i]`` of shape ``(B·O, K·C_in)``, plus the windows'
+    ``(B, *O, K, C_in)`` shape."""
+    config = [(0, 0, 0), *[(lo, hi, 0) for lo, hi in pads], (0, 0, 0)]
+    x_pad = lax.pad(x, jnp.zeros((), x.dtype), config)
+    patches = windows(x_pad, layer.kernel_size, layer.strides)  # (B, *O, K, C_in)
+    return x_pad, patches.reshape(-1, patches.shape[-2] * patches.shape[-1]), patches.shape
 
 
 def _bias_grad(p, delta) -> dict:
@@ -213,16 +239,14 @@ def _backward_by_windows(layer: Conv, p, x, delta, l2, pads):
     """The local rule by im2col (module docstring); ``pads`` pad ``x`` to x̃ exactly, its last
     window ending at its last row (a negative ``hi`` crops rows no window reaches)."""
     W, config = p["W"], [(0, 0, 0), *[(lo, hi, 0) for lo, hi in pads], (0, 0, 0)]
-    x_pad = lax.pad(x, jnp.zeros((), x.dtype), config)
-    patches = windows(x_pad, layer.kernel_size, layer.strides)  # (B, *O, K, C_in)
-    rows_p = patches.reshape(-1, patches.shape[-2] * patches.shape[-1])  # P: (B·O, K·C_in)
+    x_pad, rows_p, windows_shape = _patches(layer, x, pads)  # P: (B·O, K·C_in)
     rows_d, W_rows = delta.reshape(-1, delta.shape[-1]), W.reshape(-1, W.shape[-1])
     dW = jnp.matmul(rows_p.T, rows_d, preferred_element_type=W.dtype)  # Pᵀ δ
     grads = {"W": decay(dW.reshape(W.shape), W, l2)} | _bias_grad(p, delta)  # + λW
     # ∂L/∂P = δ Wᵀ (summed in at least float32), added back where each window read x̃
     wide = jnp.promote_types(delta.dtype, jnp.float32)
     d_rows = jnp.matmul(rows_d, W_rows.astype(delta.dtype).T, preferred_element_type=wide)
-    d_pad = unwindows(d_rows.reshape(patches.shape), x_pad.shape, layer.kernel_size, layer.strides)
+    d_pad = unwindows(d_rows.reshape(windows_shape), x_pad.shape, layer.kernel_size, layer.strides)
     unpad = [(-lo, -hi, interior) for lo, hi, interior in config]  # x̃ -> x (0 for cropped rows)
     back = lax.pad(d_pad, jnp.zeros((), wide), unpad)
     return grads, back.astype(delta.dtype), None

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from fnbp.initializers import draw_bias, draw_matrix
-from fnbp.layers.base import Layer, LayerError, positive_int
+from fnbp.layers.base import Layer, LayerError, Outer, positive_int
 
 Array = jax.Array
 
@@ -95,6 +95,10 @@ class Dense(Layer):
     def backward(self, p, x, cache, delta, l2):
         grads, back = dense_backward(p, x, delta, l2)
         return grads, back, None
+
+    def example_grads(self, p, x, cache, delta):
+        g = {"W": Outer(delta[:, None], x[:, None])}  # ∂ℓᵢ/∂W = δᵢ aᵢᵀ
+        return g | ({"b": delta} if "b" in p else {})  # ∂ℓᵢ/∂b = δᵢ
 
     def weights(self, p):
         return [p["W"]]

@@ -46,6 +46,13 @@ def _check_eps(eps):
         raise LayerError(f"eps must be a finite number > 0, got {eps!r}")
 
 
+def _affine_example_grads(xhat: Array, delta: Array) -> dict:
+    """Per-example ``∂ℓᵢ/∂γ = Σ δᵢ ⊙ x̂ᵢ`` and ``∂ℓᵢ/∂β = Σ δᵢ`` (sums over positions): ``(B, C)``."""
+    d = delta.astype(xhat.dtype)
+    space = tuple(range(1, d.ndim - 1))
+    return {"gamma": jnp.sum(d * xhat, axis=space), "beta": jnp.sum(d, axis=space)}
+
+
 def _affine_params(in_shape, dtype):
     c = in_shape[-1]
     return {"gamma": jnp.ones((c,), dtype), "beta": jnp.zeros((c,), dtype)}
@@ -131,6 +138,9 @@ class BatchNorm(Layer):
         }
         return grads, back.astype(delta.dtype), None
 
+    def example_grads(self, p, x, cache, delta):
+        return _affine_example_grads(cache[0], delta)  # eval mode only: train couples examples
+
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
@@ -172,3 +182,6 @@ class LayerNorm(Layer):
             "beta": jnp.sum(d, axis=axes).astype(p["beta"].dtype),  # Σ δ
         }
         return grads, back.astype(delta.dtype), None
+
+    def example_grads(self, p, x, cache, delta):
+        return _affine_example_grads(cache[0], delta)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from fnbp.engine import act_backward, backward_seq, draw_masks, forward_seq, no_masks
 from fnbp.initializers import draw_matrix, init_layers
-from fnbp.layers.base import Layer, LayerError, sequence_shapes
+from fnbp.layers.base import Layer, LayerError, Outer, sequence_shapes
 from fnbp.layers.dense import decay
 
 
@@ -143,6 +143,15 @@ class Residual(Layer):
             grads["P"] = decay(jnp.matmul(rows_d.T, rows_x, preferred_element_type=P.dtype), P, l2)
             return grads, delta @ P.astype(delta.dtype) + back_F, d_branch  # P⊤δ + ∂L/∂x|_F
         return grads, delta + back_F, d_branch  # δ + ∂L/∂x|_F
+
+    def example_grads(self, p, x, tr, delta):
+        """The block's own leaves; its branch's layers give theirs from the branch's trace."""
+        g, B = {}, x.shape[0]
+        if self.learn_alpha:  # ∂ℓᵢ/∂α = ⟨δᵢ, F(xᵢ)⟩
+            g["alpha"] = jnp.sum((delta * tr.a[-1]).reshape(B, -1), axis=1)
+        if "P" in p:  # ∂ℓᵢ/∂P = Σₜ δᵢ[t] xᵢ[t]ᵀ over the positions t
+            g["P"] = Outer(delta.reshape(B, -1, delta.shape[-1]), x.reshape(B, -1, x.shape[-1]))
+        return g
 
     def regions(self, x, tr):
         from fnbp.engine import trace_regions
