@@ -661,12 +661,14 @@ _PACKAGE = Path(fnbp.__file__).parent
 _BACKPROP_PATH = sorted(
     [f"{m}.py" for m in ("backprop", "model", "losses", "activations", "engine", "net")]
     + [str(p.relative_to(_PACKAGE)) for p in (_PACKAGE / "layers").glob("*.py")]
+    + [str(p.relative_to(_PACKAGE)) for p in (_PACKAGE / "instruments").glob("*.py")]
 )
 
 
 def test_the_autodiff_scan_covers_every_layer_module():
     assert {"engine.py", "net.py", "layers/conv.py", "layers/residual.py"} <= set(_BACKPROP_PATH)
     assert len([m for m in _BACKPROP_PATH if m.startswith("layers/")]) >= 9
+    assert {"instruments/factors.py", "instruments/per_example.py"} <= set(_BACKPROP_PATH)
 
 
 @pytest.mark.parametrize("module", _BACKPROP_PATH)
