@@ -139,10 +139,17 @@ def _sq_norms(f, leaf, l2):
     return sq
 
 
+def layer_sq_norms(factors, params, l2) -> list:
+    """‖gᵢ‖² of every layer with params (:func:`layer_names` order), L2 term included: one
+    ``(batch,)`` array per layer, from a factor tree of :func:`fnbp.instruments.factors.
+    example_factors` (what a training step computes from its own backward pass)."""
+    sq = layer_entries(_map(lambda f, w: _sq_norms(f, w, l2), factors, params))
+    return [sum(own.values()) for own in sq]
+
+
 def _norms(params, model, x, y, l2, state, masks, train) -> PerExampleNorms:
     _, factors = _factors(params, model, x, y, l2, state, masks, train)
-    sq = layer_entries(_map(lambda f, w: _sq_norms(f, w, l2), factors, params))
-    per_layer = [sum(own.values()) for own in sq]
+    per_layer = layer_sq_norms(factors, params, l2)
     return PerExampleNorms([jnp.sqrt(s) for s in per_layer], jnp.sqrt(sum(per_layer)))
 
 
