@@ -89,6 +89,12 @@ def test_bench_quick_writes_every_section_with_positive_numbers(tmp_path):
         assert _positive(r["manual"]["samples_per_s"]) and _positive(r["speedup_manual"])
         assert _positive(r["vmap(jax.grad)"]["samples_per_s"])
 
+    o = result["instruments"]["overhead"]
+    assert _positive(o["plain_ms"]) and _positive(o["with_norms_ratio"]["ratio"])
+    for r in result["instruments"]["memory"]:  # the materialised grads need batch × params floats
+        assert 0 < r["with_norms"] < r["vmap(jax.grad)"], r
+    assert "Per-example gradient norms from one backward pass" in table
+
     cc = result["crosscheck"]
     assert cc["passed"] is True and _positive(cc["fnbp_first_s"]) and _positive(cc["num_params"])
     assert ("torch_gradcheck_s" in cc) == HAS_TORCH

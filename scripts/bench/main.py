@@ -21,6 +21,7 @@ import bench
 from bench.ceiling import matmul_ceiling, step_matmuls
 from bench.common import CONFIGS, GPU_ONLY, ROOT, log, sizes_name
 from bench.crosscheck import CROSSCHECK_SIZES, QUICK_CROSSCHECK_SIZES, crosscheck_section
+from bench.instruments import instruments_section
 from bench.nets import net_step_section
 from bench.per_example import per_example_section
 from bench.report import markdown
@@ -147,6 +148,7 @@ def main(argv=None) -> int:
     result["net_steps"], result["net_ratios"] = net_step_section(args)
     result["sweep"] = sweep_section(args)
     result["per_example"] = per_example_section(args, on_gpu)
+    result["instruments"] = instruments_section(args)
     result["crosscheck"] = crosscheck_section(torch_results, args)
     result["meta"] = _meta(args, argv, kind, backend, torch_results, start, load_start)
     result["targets"] = targets(result, on_gpu, kind)

@@ -4,6 +4,7 @@ result; the JSON beside it holds every number."""
 from __future__ import annotations
 
 from bench.common import sizes_name
+from bench.instruments import markdown as instruments_markdown
 from bench.targets import mark
 from fnbp.report import markdown_table
 
@@ -233,6 +234,8 @@ def _crosscheck(result) -> list[str]:
 def markdown(result) -> str:
     lines = _header(result) + _train_steps(result) + _net_steps(result)
     lines += _sweep(result) + _per_example(result) + _crosscheck(result)
+    if "instruments" in result:
+        lines += instruments_markdown(result["instruments"])
     if result.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in result["notes"]] + [""]
     return "\n".join(lines)

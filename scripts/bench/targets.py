@@ -82,6 +82,14 @@ def targets(result, on_gpu: bool, kind: str) -> list[dict]:
                 "met": r["speedup_manual"] >= 1.0,
             }
         )
+    if "instruments" in result:
+        o = result["instruments"]["overhead"]
+        r = o["with_norms_ratio"]
+        t.append({"target": f"a step returning every per-example gradient norm ≤ 1.05× a plain step: "
+                            f"{sizes_name(o['sizes'])} batch {o['batch']}",
+                  "measured": f"{r['ratio']:.3f} (per-round IQR {r['paired_iqr'][0]:.3f}–{r['paired_iqr'][1]:.3f}); "
+                              f"vmap(jax.grad) {o['vmap_ratio']['ratio']:.0f}×",
+                  "met": r["ratio"] <= 1.05})  # fmt: skip
     t += _crosscheck_targets(result["crosscheck"])
     for r in result["ratios"]:
         m, a = r["manual_peak_bytes"], r["autodiff_peak_bytes"]
