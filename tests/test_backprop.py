@@ -732,10 +732,10 @@ def test_backprop_runs_with_jax_autodiff_disabled(monkeypatch, which):
 
 
 @pytest.mark.parametrize(
-    "function", [backprop_module._backprop, fnbp.engine.backward_seq], ids=lambda f: f.__name__
+    "function", [backprop_module._backward, fnbp.engine.backward_seq], ids=lambda f: f.__name__
 )
 def test_backprop_source_fits_on_one_screen(function):
-    """The backward pass is ``_backprop`` (forward, loss, δ⁽ᴸ⁾) and the one loop over the
+    """The backward pass is ``_backward`` (forward, loss, δ⁽ᴸ⁾) and the one loop over the
     layers it calls (``engine.backward_seq``); each reads on one screen."""
     lines = inspect.getsource(function).splitlines()
     assert len(lines) <= 25, "the textbook backward pass should stay readable in one screen"

@@ -20,7 +20,7 @@ def _block_after(text: str, marker: str) -> str:
 
 def test_readme_backward_pass_listing_is_the_source():
     listing = _block_after(README.read_text(), "The whole backward pass")
-    for fn in (engine.backward_seq, engine.act_backward, backprop._backprop):
+    for fn in (engine.backward_seq, engine.act_backward, backprop._backward):
         assert inspect.getsource(fn).rstrip() in listing, f"README listing of {fn.__name__} drifted"
 
 
@@ -38,7 +38,7 @@ def test_readme_layout_names_every_module_and_experiment():
     root = README.parent
     names = [p.relative_to(root).as_posix() for p in (root / "fnbp").glob("*.py")]
     names = [n for n in names if not n.endswith("__init__.py")]
-    names += [p.name for d in ("layers", "theory") for p in (root / "fnbp" / d).glob("*.py")
+    names += [p.name for d in ("layers", "theory", "instruments") for p in (root / "fnbp" / d).glob("*.py")
               if p.name != "__init__.py"]  # fmt: skip
     names += [p.name for p in (root / "experiments").glob("*.py")]
     missing = [n for n in names if n not in layout and n.replace("fnbp/", "") not in layout]
