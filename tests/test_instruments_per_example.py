@@ -120,17 +120,20 @@ def test_random_nets_match_vmap_of_jax_grad(net, seed, l2):
 
 
 @pytest.mark.parametrize(
-    "conv, gram",
-    [(Conv(16, (3, 3), padding="VALID"), True),  # T = 4 positions: T(n_out + n_in) < n_out·n_in
-     (Conv(2, (2, 2), strides=1), False)],  # T = 36: forming each example's kernel grad is cheaper
+    "conv, input_shape, method",
+    [(Conv(16, (3, 3), padding="VALID"), (4, 4, 2), "gram T=4"),  # T(n_out + n_in) < n_out·n_in
+     (Conv(2, (2, 2), strides=1), (6, 6, 2), "formed T=36")],  # forming each kernel grad is cheaper
 )  # fmt: skip
-def test_convolutions_take_the_cheaper_of_the_gram_form_and_forming_the_grads(conv, gram, x64):
-    net = fnbp.Net((6, 6, 2) if not gram else (4, 4, 2), [conv, Flatten(), Dense(3)])
+def test_convolutions_take_the_cheaper_of_the_gram_form_and_forming_the_grads(
+    conv, input_shape, method, x64
+):
+    net = fnbp.Net(input_shape, [conv, Flatten(), Dense(3)])
     params, state = perturbed(5, net, np.float64)
     x, y = random_net_data(6, net, 3, np.float64)
     out = _backward(params, net, x, y, 0.0)
     f = fx.example_factors(net.layers, params, out.trace, out.deltas, 3)[0]["W"]
-    assert fx.uses_gram(f) is gram
+    assert fx.uses_gram(f) is method.startswith("gram")
+    assert pe.norm_methods(net) == [{"W": method, "b": "direct"}, {"W": "outer", "b": "direct"}]
     _check_against_reference(params, net, x, y, 0.0, state, None, False)
 
 

@@ -130,6 +130,28 @@ def layer_names(model) -> list[str]:
     return walk(model.layers, _expected_params(model), "")
 
 
+def norm_methods(model) -> list[dict[str, str]]:
+    """How :func:`per_example_grad_norms` computes each leaf's ‖gᵢ‖², one dict per layer with
+    params (aligned with :func:`layer_names`): ``"direct"`` (a small leaf, its per-example
+    gradient at hand), ``"outer"`` (a dense layer: ‖δᵢ‖²‖aᵢ‖²), ``"gram T=…"`` (a weight shared
+    over T positions, the T×T Gram form) or ``"formed T=…"`` (each gᵢ formed: cheaper than the
+    Gram form when T(n_out + n_in) ≥ n_out·n_in). Decided from the shapes alone."""
+    params = _expected_params(model)
+    x = jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32)
+    y = jax.ShapeDtypeStruct((1, model.output_size), jnp.float32)
+    factors = jax.eval_shape(
+        lambda p, x, y: _factors(p, model, x, y, 0.0, None, None, False)[1], params, x, y
+    )
+
+    def method(f):
+        if not isinstance(f, Outer):
+            return "direct"
+        T = f.out.shape[1]
+        return "outer" if T == 1 else f"{'gram' if fx.uses_gram(f) else 'formed'} T={T}"
+
+    return [{k: method(f) for k, f in own.items()} for own in layer_entries(factors)]
+
+
 def _sq_norms(f, leaf, l2):
     """‖gᵢ + λW‖² = ‖gᵢ‖² + 2λ⟨gᵢ, W⟩ + λ²‖W‖² for a weight matrix (L2 decays those only)."""
     sq = fx.sq_norms(f)
@@ -240,7 +262,7 @@ def per_example_grad_norms(
         params, :func:`layer_names`) and ``.total`` (``(batch,)``), in at least float32.
         Equal to the norms of :func:`fnbp.per_example_grads` without forming them: extra
         memory ``O(batch · width)`` for dense layers (a convolution: ``O(batch·T²)`` or
-        ``O(batch·|W|)``, whichever is smaller, :func:`fnbp.instruments.factors.uses_gram`).
+        ``O(batch·|W|)``, whichever is smaller; :func:`norm_methods` says which).
 
     Raises:
         ValueError, TypeError: as :func:`fnbp.backprop`, and for train-mode BatchNorm (naming
