@@ -20,7 +20,17 @@ from fnbp.initializers import (
     sigma_w2,
     variance_scaling_scheme,
 )
-from fnbp.instruments import GradientStats, PerExampleNorms, gradient_stats, per_example_grad_norms
+from fnbp.instruments import (
+    GradCAM,
+    GradientStats,
+    IntegratedGradients,
+    PerExampleNorms,
+    grad_cam,
+    gradient_stats,
+    input_gradients,
+    integrated_gradients,
+    per_example_grad_norms,
+)
 from fnbp.io import load_params, load_state, save_params
 from fnbp.losses import LOSSES, Loss
 from fnbp.model import MLP, accuracy, forward, init_state, loss
@@ -51,9 +61,11 @@ __all__ = [
     "Checkpoint",
     "CrosscheckReport",
     "FlaxMLP",
+    "GradCAM",
     "GradientStats",
     "FlaxNet",
     "InitScheme",
+    "IntegratedGradients",
     "Interrupted",
     "Loss",
     "accuracy",
@@ -67,12 +79,15 @@ __all__ = [
     "engine",
     "fit",
     "forward",
+    "grad_cam",
     "gradient_stats",
     "from_flax",
     "init_params",
     "init_population",
     "init_state",
+    "input_gradients",
     "instruments",
+    "integrated_gradients",
     "layers",
     "layer_stats",
     "load_checkpoint",
