@@ -21,10 +21,12 @@ from fnbp.initializers import (
     variance_scaling_scheme,
 )
 from fnbp.instruments import (
+    DPGrads,
     GradCAM,
     GradientStats,
     IntegratedGradients,
     PerExampleNorms,
+    dp_grads,
     grad_cam,
     gradient_stats,
     input_gradients,
@@ -60,6 +62,7 @@ __all__ = [
     "Backprop",
     "Checkpoint",
     "CrosscheckReport",
+    "DPGrads",
     "FlaxMLP",
     "GradCAM",
     "GradientStats",
@@ -76,6 +79,7 @@ __all__ = [
     "data",
     "data_mesh",
     "diagnostics",
+    "dp_grads",
     "engine",
     "fit",
     "forward",

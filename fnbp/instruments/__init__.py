@@ -3,7 +3,7 @@ without per-example gradients: per-example gradient norms, gradient noise and cu
 statistics (:mod:`.per_example`, from the factors of :mod:`.factors`); input attributions
 (:mod:`.attributions`)."""
 
-from fnbp.instruments import factors
+from fnbp.instruments import factors, privacy
 from fnbp.instruments.attributions import (
     GradCAM,
     IntegratedGradients,
@@ -18,12 +18,15 @@ from fnbp.instruments.per_example import (
     layer_names,
     per_example_grad_norms,
 )
+from fnbp.instruments.privacy import DPGrads, dp_grads
 
 __all__ = [
+    "DPGrads",
     "GradCAM",
     "GradientStats",
     "IntegratedGradients",
     "PerExampleNorms",
+    "dp_grads",
     "factors",
     "grad_cam",
     "gradient_stats",
@@ -31,4 +34,5 @@ __all__ = [
     "integrated_gradients",
     "layer_names",
     "per_example_grad_norms",
+    "privacy",
 ]
