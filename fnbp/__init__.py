@@ -12,6 +12,7 @@ from fnbp.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fnbp.crosscheck import CrosscheckReport, autodiff_grads, crosscheck
 from fnbp.diagnostics import layer_stats
 from fnbp.flax_interop import FlaxMLP, FlaxNet, from_flax, to_flax
+from fnbp.gradcheck import GradcheckReport, gradcheck
 from fnbp.initializers import (
     SCHEMES,
     InitScheme,
@@ -65,6 +66,7 @@ __all__ = [
     "DPGrads",
     "FlaxMLP",
     "GradCAM",
+    "GradcheckReport",
     "GradientStats",
     "FlaxNet",
     "InitScheme",
@@ -84,6 +86,7 @@ __all__ = [
     "fit",
     "forward",
     "grad_cam",
+    "gradcheck",
     "gradient_stats",
     "from_flax",
     "init_params",

@@ -17,7 +17,9 @@ with the reference forward's. The δ check names the first broken local rule
 δ disagrees means the rule above it (``∂L/∂x`` of layer ``i + 1``, or the ``f′`` of layer
 ``i``) is wrong; if every δ agrees but layer ``i``'s parameter grads do not, its parameter
 formula is. A wrong δ of the last layer is the loss's output δ. (An MLP's report lists only
-its leaves, as it always has, and the first broken rule when one is.)
+its leaves, as it always has, and the first broken rule when one is.) For nets whose every
+parameter is too many to difference, :func:`fnbp.gradcheck` compares random directions of each
+parameter block and of each layer's z instead.
 
 Tolerances (``rtol``, relative to the leaf's gradient norm):
 
@@ -880,6 +882,39 @@ def _float64(tree):
     )
 
 
+def _masks_and_state(model, key, batch: int, train: bool, state):
+    """``(masks, state)``: the dropout masks, drawn once from ``key`` and shared by every
+    computation compared, and the state (blank for a net that keeps none, ``None`` for an
+    MLP)."""
+    dropout = train and key is not None and model.find(lambda l: getattr(l, "rate", 0) > 0)
+    masks = _draw_masks_jit(model, key, batch, train) if dropout else no_masks(model.layers)
+    if state is None:
+        state = blank_state(model) if isinstance(model, Net) else None
+    return masks, state
+
+
+def _labels64(y):
+    """``y`` on the host: integer class indices as they are, targets in float64."""
+    return np.asarray(y) if jnp.issubdtype(y.dtype, jnp.integer) else np.asarray(y, np.float64)
+
+
+def _fd_noise(loss, step: float) -> float:
+    """The rounding floor of one float64 difference quotient, ``10·eps₆₄·max(|L|, 1)/ε``."""
+    return 10 * np.finfo(np.float64).eps * max(abs(float(loss)), 1.0) / step
+
+
+def _variance_warnings(variances: dict, step: float) -> tuple[str, ...]:
+    """A warning for each train-mode BatchNorm with features of batch variance under
+    :data:`_TINY_VARIANCE`·ε (``variances`` from :func:`_batch_variances`)."""
+    return tuple(
+        f"{name}: {int(np.sum(var < _TINY_VARIANCE * step))} of {var.size} features have "
+        f"batch variance below {_TINY_VARIANCE * step:g} (= {_TINY_VARIANCE}·ε; smallest "
+        f"{float(np.min(var)):.1e}): finite differences are inaccurate there"
+        for name, var in variances.items()
+        if np.any(var < _TINY_VARIANCE * step)
+    )
+
+
 def crosscheck(
     params: Params,
     model,
@@ -930,14 +965,11 @@ def crosscheck(
     dtype_name = jnp.dtype(dtype).name
     rtol = RTOL_AUTODIFF.get(jnp.dtype(compute_dtype or dtype).name, 1e-2)
     batch = int(x.shape[0])
-    dropout = train and key is not None and model.find(lambda l: getattr(l, "rate", 0) > 0)
-    masks = _draw_masks_jit(model, key, batch, train) if dropout else no_masks(model.layers)
-    if state is None:
-        state = blank_state(model) if isinstance(model, Net) else None
+    masks, state = _masks_and_state(model, key, batch, train, state)
 
     # float64 copies; the float64 program computes everything, with finite differences
     params64, x64, state64 = _float64((params, x, state))
-    y64 = np.asarray(y) if jnp.issubdtype(y.dtype, jnp.integer) else np.asarray(y, np.float64)
+    y64 = _labels64(y)
     with jax.enable_x64(True):
         loss64, mine64, ref64, fd, variances = jax.device_get(
             _gradients64_jit(
@@ -957,7 +989,7 @@ def crosscheck(
         )  # fmt: skip
     ad_err = _errors(mine[0], ref[0], rtol, floors=_exact_zeros(ref64[0]))
     ad64_err = _errors(mine64[0], ref64[0], RTOL_AUTODIFF["float64"])
-    fd_noise = 10 * np.finfo(np.float64).eps * max(abs(float(loss64)), 1.0) / fd_step
+    fd_noise = _fd_noise(loss64, fd_step)
     if finite_differences:
         fd, kinked = fd
         keep = jax.tree.map(np.logical_not, kinked)
@@ -988,13 +1020,7 @@ def crosscheck(
     if isinstance(model, Net) and jax.tree.leaves(state):
         state_names, state_layers = _state_names(model, state)
         states = _signal_checks(state_names, mine[2], ref[2], mine64[2], ref64[2], rtol)
-    warnings = tuple(
-        f"{name}: {int(np.sum(var < _TINY_VARIANCE * fd_step))} of {var.size} features have "
-        f"batch variance below {_TINY_VARIANCE * fd_step:g} (= {_TINY_VARIANCE}·ε; smallest "
-        f"{float(np.min(var)):.1e}): finite differences are inaccurate there"
-        for name, var in variances.items()
-        if finite_differences and np.any(var < _TINY_VARIANCE * fd_step)
-    )
+    warnings = _variance_warnings(variances, fd_step) if finite_differences else ()
     passed = all(c.passed for c in (*leaves, *deltas, *states))
     broken = (None, None)
     if not passed:

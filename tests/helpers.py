@@ -1,6 +1,7 @@
 """Shared test helpers: random data that fits a model, random architectures (MLPs and Nets of
-every layer kind, with perturbed params and state), IDX files."""
+every layer kind, with perturbed params and state), faulty layer kinds, IDX files."""
 
+import dataclasses
 import gzip
 import math
 import struct
@@ -284,6 +285,93 @@ def random_net_data(seed, net, batch, dtype=np.float32):
     if net.loss == "sigmoid_binary_cross_entropy":
         return x, jnp.asarray(rng.uniform(size=(batch, n_out)), dtype)
     return x, jnp.asarray(rng.standard_normal((batch, n_out)), dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fault injection: layer kinds whose backward rule is wrong in one term, by a factor 1 + 1e-4
+# (tests/test_crosscheck.py and tests/test_gradcheck.py must catch and name each).
+
+FAULT_SCALE = 1 + 1e-4
+
+
+def faulty(cls, fault):
+    """A subclass of the layer kind ``cls`` (same forward, same ``kind``) whose backward
+    passes its grads and ∂L/∂x through ``fault(self, p, x, cache, δ, grads, back)``."""
+
+    @jax.tree_util.register_static
+    @dataclasses.dataclass(frozen=True)
+    class Faulty(cls):
+        def backward(self, p, x, cache, delta, l2):
+            grads, back, inner = super().backward(p, x, cache, delta, l2)
+            grads, back = fault(self, p, x, cache, delta, grads, back)
+            return grads, back, inner
+
+    Faulty.__name__ = Faulty.__qualname__ = f"Faulty{cls.__name__}"
+    return Faulty
+
+
+def fault_back(self, p, x, cache, delta, grads, back):  # ∂L/∂x · (1 + 1e-4)
+    return grads, back * FAULT_SCALE
+
+
+def fault_grad(name):
+    def fault(self, p, x, cache, delta, grads, back):  # ∂L/∂θ[name] · (1 + 1e-4)
+        return {**grads, name: grads[name] * FAULT_SCALE}, back
+
+    return fault
+
+
+def fault_bn_coupling(self, p, x, cache, delta, grads, back):
+    """γ r (δ − Σδ/m − x̂·Σ(δ⊙x̂)/m) with its last term scaled: the batch coupling."""
+    xhat, r, _ = cache
+    m, axes = np.prod(delta.shape[:-1]), tuple(range(delta.ndim - 1))
+    gamma = p["gamma"].reshape((1,) * len(axes) + (-1,))
+    term = gamma * r * xhat * jnp.sum(delta * xhat, axis=axes, keepdims=True) / m
+    return grads, back - (FAULT_SCALE - 1) * term
+
+
+def fault_ln_inner(self, p, x, cache, delta, grads, back):
+    """r (g − mean(g) − x̂·mean(g⊙x̂)), g = γ⊙δ, with its last term scaled."""
+    xhat, r = cache
+    g = p["gamma"][None, :] * delta
+    return grads, back - (FAULT_SCALE - 1) * r * xhat * jnp.mean(g * xhat, axis=-1, keepdims=True)
+
+
+def fault_skip(self, p, x, cache, delta, grads, back):  # δ + ∂L/∂x|_F with the skip's δ scaled
+    return grads, back + (FAULT_SCALE - 1) * delta
+
+
+# the faults of ∂L/∂x (the others are of a parameter's gradient)
+INPUT_FAULTS = (fault_back, fault_bn_coupling, fault_ln_inner, fault_skip)
+VEC, SIGNAL = (5,), (6, 2)
+# (kind, fault, input shape, the layers before, the layers after, train): the faulty layer is
+# always layer 2, after a layer whose δ its ∂L/∂x feeds.
+FAULTS = {
+    "dense-back": (Dense, fault_back, VEC, [Dense(6, "tanh")], (4, "tanh"), [Dense(3)], False),
+    "dense-W": (Dense, fault_grad("W"), VEC, [Dense(6, "tanh")], (4, "tanh"), [Dense(3)], False),
+    "conv-back": (Conv, fault_back, SIGNAL, [Conv(3, (2,), activation="tanh")], (2, (3,)),
+                  [Flatten(), Dense(3)], False),
+    "conv-W": (Conv, fault_grad("W"), SIGNAL, [Conv(3, (2,), activation="tanh")], (2, (3,), 2),
+               [Flatten(), Dense(3)], False),
+    "max_pool": (MaxPool, fault_back, SIGNAL, [Conv(3, (2,), activation="tanh")], ((2,),),
+                 [Flatten(), Dense(3)], False),
+    "avg_pool": (AvgPool, fault_back, SIGNAL, [Conv(3, (2,), activation="tanh")], ((3,),),
+                 [Flatten(), Dense(3)], False),
+    "batch_norm": (BatchNorm, fault_bn_coupling, VEC, [Dense(6, "tanh")], (), [Dense(3)], True),
+    "batch_norm-gamma": (BatchNorm, fault_grad("gamma"), VEC, [Dense(6, "tanh")], (), [Dense(3)],
+                         True),
+    "layer_norm": (LayerNorm, fault_ln_inner, VEC, [Dense(6, "tanh")], (), [Dense(3)], False),
+    "dropout": (Dropout, fault_back, VEC, [Dense(6, "tanh")], (0.3,), [Dense(3)], True),
+    "residual-skip": (Residual, fault_skip, VEC, [Dense(6, "tanh")], ((Dense(6, "tanh"),), 0.5),
+                      [Dense(3)], False),
+    "residual-alpha": (Residual, fault_grad("alpha"), VEC, [Dense(6, "tanh")],
+                       ((Dense(6, "tanh"),), 0.5, True), [Dense(3)], False),
+    "flatten": (Flatten, fault_back, SIGNAL, [Conv(2, (2,), activation="tanh")], (), [Dense(3)],
+                False),
+    "reshape": (Reshape, fault_back, VEC, [Dense(6, "tanh")], ((3, 2),),
+                [Conv(2, (2,)), Flatten(), Dense(3)], False),
+    "activation": (Activation, fault_back, VEC, [Dense(6)], ("tanh",), [Dense(3)], False),
+}  # fmt: skip
 
 
 def idx_bytes(arr, code: int = 0x08, big_endian_dtype: str = ">u1") -> bytes:

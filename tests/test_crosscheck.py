@@ -1,6 +1,5 @@
 """Tests of fnbp/crosscheck.py: the cross-check must pass on correct grads and catch wrong ones."""
 
-import dataclasses
 import importlib
 import re
 from pathlib import Path
@@ -11,7 +10,18 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import every_kind_net, models, nets, perturbed, random_data, random_net_data
+from helpers import (
+    FAULT_SCALE,
+    FAULTS,
+    INPUT_FAULTS,
+    every_kind_net,
+    faulty,
+    models,
+    nets,
+    perturbed,
+    random_data,
+    random_net_data,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -377,7 +387,7 @@ def test_finite_differences_of_every_kind_equal_naive_full_forward_differences(x
 def test_column_shift_fast_paths_equal_the_generic_rerun(x64, cls):
     """Dense and Conv layers take the column-shift path (and a conv into a conv the one-channel
     update); a subclass (the same forward) takes the generic one: the quotients must agree."""
-    generic = _faulty(cls, lambda self, p, x, cache, delta, grads, back: (grads, back))
+    generic = faulty(cls, lambda self, p, x, cache, delta, grads, back: (grads, back))
     if cls is Dense:
         layers = lambda D: [D(5, "tanh"), D(4, "relu"), Dense(3)]  # noqa: E731
         shape = (6,)
@@ -459,93 +469,14 @@ def test_autodiff_grads_of_a_net_use_the_same_masks_state_and_mode_as_backprop()
 
 
 # ----------------------------------------------------------------------------------------------
-# Fault injection: one term of one kind's rule scaled by 1 + 1e-4 is caught and named.
-
-SCALE = 1 + 1e-4
-
-
-def _faulty(cls, fault):
-    """A subclass of the layer kind ``cls`` (same forward, same ``kind``) whose backward
-    passes its grads and ∂L/∂x through ``fault(self, p, x, cache, δ, grads, back)``."""
-
-    @jax.tree_util.register_static
-    @dataclasses.dataclass(frozen=True)
-    class Faulty(cls):
-        def backward(self, p, x, cache, delta, l2):
-            grads, back, inner = super().backward(p, x, cache, delta, l2)
-            grads, back = fault(self, p, x, cache, delta, grads, back)
-            return grads, back, inner
-
-    Faulty.__name__ = Faulty.__qualname__ = f"Faulty{cls.__name__}"
-    return Faulty
-
-
-def _back(self, p, x, cache, delta, grads, back):  # ∂L/∂x · (1 + 1e-4)
-    return grads, back * SCALE
-
-
-def _grad(name):
-    def fault(self, p, x, cache, delta, grads, back):  # ∂L/∂θ[name] · (1 + 1e-4)
-        return {**grads, name: grads[name] * SCALE}, back
-
-    return fault
-
-
-def _bn_coupling(self, p, x, cache, delta, grads, back):
-    """γ r (δ − Σδ/m − x̂·Σ(δ⊙x̂)/m) with its last term scaled: the batch coupling."""
-    xhat, r, _ = cache
-    m, axes = np.prod(delta.shape[:-1]), tuple(range(delta.ndim - 1))
-    gamma = p["gamma"].reshape((1,) * len(axes) + (-1,))
-    term = gamma * r * xhat * jnp.sum(delta * xhat, axis=axes, keepdims=True) / m
-    return grads, back - (SCALE - 1) * term
-
-
-def _ln_inner(self, p, x, cache, delta, grads, back):
-    """r (g − mean(g) − x̂·mean(g⊙x̂)), g = γ⊙δ, with its last term scaled."""
-    xhat, r = cache
-    g = p["gamma"][None, :] * delta
-    return grads, back - (SCALE - 1) * r * xhat * jnp.mean(g * xhat, axis=-1, keepdims=True)
-
-
-def _skip(self, p, x, cache, delta, grads, back):  # δ + ∂L/∂x|_F with the skip's δ scaled
-    return grads, back + (SCALE - 1) * delta
-
-
-VEC, SIGNAL = (5,), (6, 2)
-# (kind, fault, input shape, the layers before, the layers after, train): the faulty layer is
-# always layer 2, after a layer whose δ its ∂L/∂x feeds.
-FAULTS = {
-    "dense-back": (Dense, _back, VEC, [Dense(6, "tanh")], (4, "tanh"), [Dense(3)], False),
-    "dense-W": (Dense, _grad("W"), VEC, [Dense(6, "tanh")], (4, "tanh"), [Dense(3)], False),
-    "conv-back": (Conv, _back, SIGNAL, [Conv(3, (2,), activation="tanh")], (2, (3,)),
-                  [Flatten(), Dense(3)], False),
-    "conv-W": (Conv, _grad("W"), SIGNAL, [Conv(3, (2,), activation="tanh")], (2, (3,), 2),
-               [Flatten(), Dense(3)], False),
-    "max_pool": (MaxPool, _back, SIGNAL, [Conv(3, (2,), activation="tanh")], ((2,),),
-                 [Flatten(), Dense(3)], False),
-    "avg_pool": (AvgPool, _back, SIGNAL, [Conv(3, (2,), activation="tanh")], ((3,),),
-                 [Flatten(), Dense(3)], False),
-    "batch_norm": (BatchNorm, _bn_coupling, VEC, [Dense(6, "tanh")], (), [Dense(3)], True),
-    "batch_norm-gamma": (BatchNorm, _grad("gamma"), VEC, [Dense(6, "tanh")], (), [Dense(3)],
-                         True),
-    "layer_norm": (LayerNorm, _ln_inner, VEC, [Dense(6, "tanh")], (), [Dense(3)], False),
-    "dropout": (Dropout, _back, VEC, [Dense(6, "tanh")], (0.3,), [Dense(3)], True),
-    "residual-skip": (Residual, _skip, VEC, [Dense(6, "tanh")], ((Dense(6, "tanh"),), 0.5),
-                      [Dense(3)], False),
-    "residual-alpha": (Residual, _grad("alpha"), VEC, [Dense(6, "tanh")],
-                       ((Dense(6, "tanh"),), 0.5, True), [Dense(3)], False),
-    "flatten": (Flatten, _back, SIGNAL, [Conv(2, (2,), activation="tanh")], (), [Dense(3)],
-                False),
-    "reshape": (Reshape, _back, VEC, [Dense(6, "tanh")], ((3, 2),),
-                [Conv(2, (2,)), Flatten(), Dense(3)], False),
-    "activation": (Activation, _back, VEC, [Dense(6)], ("tanh",), [Dense(3)], False),
-}  # fmt: skip
+# Fault injection: one term of one kind's rule scaled by 1 + 1e-4 (helpers.FAULTS) is caught and
+# named.
 
 
 @pytest.mark.parametrize("name", sorted(FAULTS))
 def test_a_fault_in_any_local_rule_is_caught_and_named(x64, name):
     cls, fault, shape, before, args, after, train = FAULTS[name]
-    net = fnbp.Net(shape, [*before, _faulty(cls, fault)(*args), *after])
+    net = fnbp.Net(shape, [*before, faulty(cls, fault)(*args), *after])
     params, state = perturbed(8, net, np.float64)
     x, y = random_net_data(8, net, 8, np.float64)
     modes = {"train": True, "key": jax.random.key(1)} if train else {"train": False}
@@ -556,7 +487,7 @@ def test_a_fault_in_any_local_rule_is_caught_and_named(x64, name):
     assert report.broken_layer == f"layer 2 ({cls.kind})", str(report)
     assert f"first broken local rule: layer 2 ({cls.kind})" in str(report)
     bad = [c.name for c in report.deltas if not c.passed]
-    if fault is _back or fault in (_bn_coupling, _ln_inner, _skip):  # ∂L/∂x: δ below it is off
+    if fault in INPUT_FAULTS:  # ∂L/∂x: δ below it is off
         assert "backward rule" in report.broken_rule and bad == [f"layer 1 ({before[0].kind})"]
     else:  # a parameter formula: every δ agrees, one leaf of layer 2 does not
         assert "parameter gradient" in report.broken_rule and bad == []
@@ -573,7 +504,7 @@ def test_a_wrong_output_delta_is_named_as_the_loss(monkeypatch):
 
     def wrong_output_delta(*args):
         result = real(*args)
-        return result._replace(deltas=[*result.deltas[:-1], result.deltas[-1] * SCALE])
+        return result._replace(deltas=[*result.deltas[:-1], result.deltas[-1] * FAULT_SCALE])
 
     monkeypatch.setattr(crosscheck_module, "_backprop_jit", wrong_output_delta)
     report = fnbp.crosscheck(params, net, x, y, finite_differences=False)
