@@ -292,3 +292,24 @@ def test_a_net_with_batch_norm_needs_its_mode_and_state():
     x, y = random_net_data(6, net, 8)
     with pytest.raises(ValueError, match="gradcheck: the net's layer 2 .batch_norm.*train=True"):
         fnbp.gradcheck(params, net, x, y, state=state)
+
+
+def test_the_finite_differences_in_steps_of_lax_map_equal_one_vmap(x64):
+    """A budget of 410 values splits the 48 losses of this net into steps of ``lax.map``, 5 a
+    step (each holds 2·26 params and 5·6 z values) and a remainder; the quotients are the same
+    computations, batched otherwise."""
+    model = fnbp.MLP((3, 4, 2), "tanh")
+    params = fnbp.init_params(jax.random.key(0), model, dtype=np.float64)
+    x, y = random_data(jax.random.key(1), model, 5, np.float64)
+    z = [(5, 4), (5, 2)]
+    U, V = gradcheck_module._directions(jax.tree.leaves(params), z, 4, True, 0)
+
+    def fd(budget):
+        _, blocks, deltas, _ = gradcheck_module._gradcheck64_jit(
+            params, model, x, y, 0.0, 1e-6, None, None, U, V,
+            train=False, manual=gradcheck_module._backprop_jit, per_block=True, budget=budget,
+        )  # fmt: skip
+        return np.concatenate([blocks[2], deltas[2]])
+
+    # the same quotients, to the rounding of the loss in them (~1e-16·|L|/ε ≈ 1e-10)
+    np.testing.assert_allclose(fd(410), fd(10**9), rtol=0, atol=1e-9)
