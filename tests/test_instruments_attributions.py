@@ -264,6 +264,14 @@ def test_integrated_gradients_one_baseline_for_all_equals_it_broadcast(x64):
     chex.assert_trees_all_close(got, want, rtol=0, atol=0)  # the same computation
 
 
+def test_integrated_gradients_in_chunks_of_path_points_equal_all_at_once(x64):
+    net, params, x, y, kw, *_ = _reference("dropout_train", "logit")
+    whole = fnbp.integrated_gradients(params, net, x, y, steps=5, **kw)
+    for chunk in (2, 5):  # 2: chunks of 2, 2 and the remainder 1; 5: all at once
+        got = fnbp.integrated_gradients(params, net, x, y, steps=5, chunk=chunk, **kw)
+        chex.assert_trees_all_close(got, whole, rtol=1e-13, atol=1e-15)  # the same sums
+
+
 # ----------------------------------------------------------------------------------------------
 # Grad-CAM.
 
@@ -397,6 +405,9 @@ def test_bad_arguments_raise_naming_them(x64):
     for steps in (0, 2.5, True, "50"):
         with pytest.raises(ValueError, match="steps must be a positive int"):
             fnbp.integrated_gradients(params, net, x, y, steps=steps)
+    for chunk in (0, 1.0, False):
+        with pytest.raises(ValueError, match="chunk must be None .* or a positive int"):
+            fnbp.integrated_gradients(params, net, x, y, chunk=chunk)
     with pytest.raises(ValueError, match=r"baseline must have x's shape \(3, 4, 4, 2\)"):
         fnbp.integrated_gradients(params, net, x, y, baseline=jnp.zeros((4, 4)))
     with pytest.raises(TypeError, match="baseline must be a floating array"):

@@ -139,8 +139,8 @@ def _midpoints(steps: int, dtype) -> tuple[Array, Array]:
     return alphas, jnp.full((steps,), 1.0 / steps, dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("steps", "target", "train"))
-def _integrated_jit(params, model, x, y, baseline, state, key, steps, target, train):
+@functools.partial(jax.jit, static_argnames=("steps", "chunk", "target", "train"))
+def _integrated_jit(params, model, x, y, baseline, state, key, steps, chunk, target, train):
     masks = draw_batch_masks(model, key, x.shape[0], train)  # the same masks at every α
     diff = x - baseline
     alphas, weights = _midpoints(steps, x.dtype)
@@ -148,7 +148,10 @@ def _integrated_jit(params, model, x, y, baseline, state, key, steps, target, tr
     def grad_at(alpha):  # ∂F/∂x at x(α) = x′ + α(x − x′), for the whole batch
         return _attribute(params, model, baseline + alpha * diff, y, target, state, masks, train)[1]
 
-    grads = jax.vmap(grad_at)(alphas)  # (steps, batch, *input_shape)
+    if chunk is None:
+        grads = jax.vmap(grad_at)(alphas)  # (steps, batch, *input_shape)
+    else:  # vmapped chunks of points, one after the other: memory O(chunk · batch · activations)
+        grads = jax.lax.map(grad_at, alphas, batch_size=chunk)
     attributions = diff * jnp.tensordot(weights, grads, axes=1)  # (x − x′) ⊙ Σₖ wₖ ∂F(x(αₖ))/∂x
     values = _forward(params, model, x, y, target, state, masks, train)[1]
     baseline_values = _forward(params, model, baseline, y, target, state, masks, train)[1]
@@ -180,12 +183,21 @@ def _check_target(target, what: str) -> None:
         raise ValueError(f"{what}: target must be one of {TARGETS}, got {target!r}")
 
 
-def _check_steps(steps) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+def _positive_int(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, np.integer)) and v >= 1
+
+
+def _check_steps(steps, chunk) -> tuple[int, int | None]:
+    if not _positive_int(steps):
         raise ValueError(
             f"integrated_gradients: steps must be a positive int (the path points), got {steps!r}"
         )
-    return int(steps)
+    if chunk is not None and not _positive_int(chunk):
+        raise ValueError(
+            "integrated_gradients: chunk must be None (every path point at once) or a positive "
+            f"int (path points per vmapped chunk), got {chunk!r}"
+        )
+    return int(steps), None if chunk is None or chunk >= steps else int(chunk)
 
 
 def _check_baseline(model, x, baseline) -> Array:
@@ -296,6 +308,7 @@ def integrated_gradients(
     *,
     baseline=None,
     steps: int = 50,
+    chunk: int | None = None,
     target="logit",
     l2=0.0,
     state=None,
@@ -306,13 +319,17 @@ def integrated_gradients(
     the straight path from ``baseline`` to ``x``, midpoint rule over ``steps`` points.
 
     The hand-written backward pass runs at every path point for the whole batch, vmapped over
-    the points: one jitted call, extra memory ``O(steps · batch · activations)``.
+    the points: one jitted call, extra memory ``O(steps · batch · activations)`` (with
+    ``chunk``, ``O(chunk · batch · activations)``).
 
     Arguments:
         params, model, x, y: as for :func:`fnbp.backprop`.
         baseline: ``None`` (zeros), or an array of ``x``'s shape (one baseline per example) or
             of ``model.input_shape`` (one for every example).
         steps: ``m ≥ 1``, the number of path points ``αₖ = (k + ½)/m``.
+        chunk: ``None`` (vmap over all the points at once), or how many points each vmapped
+            chunk holds (``jax.lax.map`` with ``batch_size``: the chunks run one after the
+            other, the same numbers in less memory).
         target: ``"logit"`` (default; Captum's convention: F = ``z_{yᵢ}``, the class-y logit,
             so ``y`` picks the class explained) or ``"loss"`` (F = ℓᵢ). Module docstring.
         l2, state, key, train: as for :func:`input_gradients`; train-mode dropout uses the
@@ -325,17 +342,27 @@ def integrated_gradients(
         F; a ReLU net's kinks along the path make it slower).
 
     Raises:
-        ValueError, TypeError: as :func:`input_gradients`, and for a bad ``baseline`` or
-            ``steps``.
+        ValueError, TypeError: as :func:`input_gradients`, and for a bad ``baseline``,
+            ``steps`` or ``chunk``.
     """
     _check_target(target, "integrated_gradients")
-    steps = _check_steps(steps)
+    steps, chunk = _check_steps(steps, chunk)
     train = check_per_example(
         params, model, x, y, l2=l2, state=state, key=key, train=train, what="integrated_gradients"
     )
     baseline = _check_baseline(model, x, baseline)
     return _integrated_jit(
-        params, model, x, y, baseline, state, key, steps=steps, target=target, train=train
+        params,
+        model,
+        x,
+        y,
+        baseline,
+        state,
+        key,
+        steps=steps,
+        chunk=chunk,
+        target=target,
+        train=train,
     )
 
 
