@@ -95,6 +95,15 @@ def test_bench_quick_writes_every_section_with_positive_numbers(tmp_path):
         assert 0 < r["with_norms"] < r["vmap(jax.grad)"], r
     assert "Per-example gradient norms from one backward pass" in table
 
+    pv = result["privacy"]
+    for r in pv["time"]:
+        assert _positive(r["one_backward_ms"]) and _positive(r["vmap_ms"]), r
+        assert _positive(r["vmap_vs_one_backward"]["ratio"]), r
+    for r in pv["memory"]:  # vmap-and-clip forms batch × params floats; one backward does not
+        assert 0 < r["one backward"] < r["vmap-and-clip"], r
+    assert pv["opacus"] is None  # --quick leaves the optional peer out
+    assert "Private SGD's gradient from one backward pass" in table
+
     cc = result["crosscheck"]
     assert cc["passed"] is True and _positive(cc["fnbp_first_s"]) and _positive(cc["num_params"])
     assert ("torch_gradcheck_s" in cc) == HAS_TORCH

@@ -14,6 +14,9 @@ One run measures, on whatever device JAX has (a benchmark, not a test: nothing h
 * sweep throughput of 64 small models on digits: a Python loop of jitted steps, a scan-fused
   epoch per model, and the vmapped population + scan;
 * per-example gradients: hand-written (``fnbp.per_example_grads``) vs ``vmap(jax.grad)``;
+* DP-SGD's clipped, noised gradient from one backward pass (``fnbp.dp_grads``'s program) vs
+  vmap-and-clip and a plain gradient, time and compiled peak memory at batch 256–4096, and
+  Opacus where it is installed (:mod:`bench.privacy`);
 * the cost of ``fnbp.crosscheck`` with finite differences (784-16-16-10 and the MNIST-1D CNN,
   batch 32, float64, each in a fresh process so compilation is included) beside
   ``torch.autograd.gradcheck``;

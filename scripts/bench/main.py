@@ -24,6 +24,7 @@ from bench.crosscheck import CROSSCHECK_SIZES, QUICK_CROSSCHECK_SIZES, crosschec
 from bench.instruments import instruments_section
 from bench.nets import net_step_section
 from bench.per_example import per_example_section
+from bench.privacy import privacy_section
 from bench.report import markdown
 from bench.sweep import sweep_section
 from bench.targets import closing_notes, mark, targets
@@ -149,6 +150,7 @@ def main(argv=None) -> int:
     result["sweep"] = sweep_section(args)
     result["per_example"] = per_example_section(args, on_gpu)
     result["instruments"] = instruments_section(args)
+    result["privacy"] = privacy_section(args)
     result["crosscheck"] = crosscheck_section(torch_results, args)
     result["meta"] = _meta(args, argv, kind, backend, torch_results, start, load_start)
     result["targets"] = targets(result, on_gpu, kind)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from bench.common import sizes_name
 from bench.instruments import markdown as instruments_markdown
+from bench.privacy import markdown as privacy_markdown
 from bench.targets import mark
 from fnbp.report import markdown_table
 
@@ -236,6 +237,8 @@ def markdown(result) -> str:
     lines += _sweep(result) + _per_example(result) + _crosscheck(result)
     if "instruments" in result:
         lines += instruments_markdown(result["instruments"])
+    if "privacy" in result:
+        lines += privacy_markdown(result["privacy"])
     if result.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in result["notes"]] + [""]
     return "\n".join(lines)
