@@ -111,6 +111,13 @@ def test_bench_quick_writes_every_section_with_positive_numbers(tmp_path):
     assert cnn["name"] == "MNIST-1D CNN" and "note" not in cnn, cnn
     assert cnn["passed"] is True and cnn["num_params"] == MNIST1D_CNN_PARAMS
     assert _positive(cnn["fnbp_first_s"]) and _positive(cnn["vs_mlp"])
+    fast = cc["fast"]  # fnbp.gradcheck beside each exhaustive check
+    assert [r["name"] for r in fast["rows"]] == ["64-8-8-10", "MNIST-1D CNN"]
+    for r in fast["rows"]:
+        assert r["passed"] is True and _positive(r["fnbp_first_s"]) and _positive(r["speedup"]), r
+    assert ("torch_gradcheck_fast_s" in fast) == HAS_TORCH
+    assert "large" not in fast  # --quick leaves the 1.9 M-parameter MLP out
+    assert "The fast check, `fnbp.gradcheck`" in table
 
     assert all(t["met"] in (True, False, None) and t["target"] for t in result["targets"])
     headings = ("## Targets", "## Train step (", "## Train step of nets", "## Sweep")

@@ -4,6 +4,7 @@ result; the JSON beside it holds every number."""
 from __future__ import annotations
 
 from bench.common import sizes_name
+from bench.crosscheck import fast_markdown
 from bench.instruments import markdown as instruments_markdown
 from bench.privacy import markdown as privacy_markdown
 from bench.targets import mark
@@ -209,6 +210,7 @@ def _crosscheck(result) -> list[str]:
         f"fnbp's check {'passed' if cc['passed'] else 'FAILED'} ({cc['kinks']} parameters straddle a ReLU kink).",
         "",
     ]  # fmt: skip
+    lines += fast_markdown(cc)
     nets = cc.get("nets", [])
     if nets:
         rows = []

@@ -2,7 +2,8 @@
 torch loaded, its OpenMP workers slowed the XLA steps of the main process by ~10% on a 2-core
 CPU, even between torch's runs. The worker times every MLP case's eager and ``torch.compile``
 steps (``nn.Sequential`` + ``torch.optim.SGD``, the same initial weights, interleaved with each
-other) and ``torch.autograd.gradcheck`` of the cross-check MLP, and prints them as JSON."""
+other) and ``torch.autograd.gradcheck`` of the cross-check MLP (full and fast mode), and prints
+them as JSON."""
 
 from __future__ import annotations
 
@@ -94,6 +95,9 @@ def torch_worker(spec: dict) -> dict:
         out["cases"][label] = got
     sizes = tuple(spec["crosscheck_sizes"])
     out["gradcheck_s_runs"] = [_torch_gradcheck(torch, sizes) for _ in range(spec["gradchecks"])]
+    out["gradcheck_fast_s_runs"] = [
+        _torch_gradcheck(torch, sizes, fast=True) for _ in range(spec["gradchecks"])
+    ]
     return out
 
 
@@ -114,8 +118,9 @@ def run_torch_worker(cases, args, crosscheck_sizes) -> dict | None:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _torch_gradcheck(torch, sizes) -> float:
-    """``torch.autograd.gradcheck`` (full mode, float64) of the loss w.r.t. all parameters."""
+def _torch_gradcheck(torch, sizes, fast: bool = False) -> float:
+    """``torch.autograd.gradcheck`` (full mode, or ``fast_mode``: one random direction per
+    parameter tensor; float64) of the loss w.r.t. all parameters."""
     with jax.enable_x64(True):
         model = fnbp.MLP(sizes)
         params = fnbp.init_params(jax.random.key(1), model, dtype=jnp.float64)
@@ -138,5 +143,5 @@ def _torch_gradcheck(torch, sizes) -> float:
         return torch.nn.functional.cross_entropy(a, yt)
 
     t0 = time.perf_counter()
-    torch.autograd.gradcheck(loss, tuple(leaves), eps=1e-6, atol=1e-5, rtol=1e-3, fast_mode=False)
+    torch.autograd.gradcheck(loss, tuple(leaves), eps=1e-6, atol=1e-5, rtol=1e-3, fast_mode=fast)
     return time.perf_counter() - t0
