@@ -6,14 +6,19 @@ fast check ``fnbp.gradcheck`` (4 random directions per parameter block and per l
 its own fresh processes, taking turns with the exhaustive ones (beside
 ``torch.autograd.gradcheck(fast_mode=True)`` of the same MLP), and, outside ``--quick``, the
 fast check alone on the 784-1024-1024-10 MLP (1.9 M parameters), where the exhaustive one would
-need 3.7 M reruns."""
+need 3.7 M reruns.
+
+Run alone: ``cd scripts && ../.venv/bin/python -m bench.crosscheck [--quick] [--no-torch]
+[--json FILE]`` (prints the section's tables)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
 import sys
+import time
 
 from bench.common import ROOT, log, sizes_name
 from bench.nets import mnist1d_cnn
@@ -185,7 +190,34 @@ def fast_markdown(cc: dict) -> list[str]:
     if "torch_gradcheck_fast_s" in fast:
         lines += [
             f"`torch.autograd.gradcheck(fast_mode=True)` of the {sizes_name(cc['sizes'])} MLP "
-            f"(float64, one random direction per input tensor): {fast['torch_gradcheck_fast_s']:.2f} s.",
+            f"(float64, one random direction per parameter tensor; eager, in the worker process "
+            f"after its full gradcheck): {fast['torch_gradcheck_fast_s']:.3f} s.",
             "",
         ]  # fmt: skip
     return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="the cross-check cost bench section alone")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--no-torch", action="store_true", help="leave torch.autograd.gradcheck out")
+    p.add_argument("--json", default=None, help="also write the section's numbers here")
+    args = p.parse_args(argv)
+    from bench.report import _crosscheck
+    from bench.torch_peer import run_torch_worker
+    from fnbp.report import save_json
+
+    args.torch_compile, args.repeats, args.target_s = False, 1, 0.0  # no train steps: []
+    t0 = time.perf_counter()
+    sizes = QUICK_CROSSCHECK_SIZES if args.quick else CROSSCHECK_SIZES
+    section = crosscheck_section(run_torch_worker([], args, sizes), args)
+    section["wall_s"] = time.perf_counter() - t0
+    if args.json:
+        save_json(args.json, section)
+    print("\n".join(_crosscheck({"crosscheck": section})))
+    log(f"done in {section['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

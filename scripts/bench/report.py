@@ -210,7 +210,6 @@ def _crosscheck(result) -> list[str]:
         f"fnbp's check {'passed' if cc['passed'] else 'FAILED'} ({cc['kinks']} parameters straddle a ReLU kink).",
         "",
     ]  # fmt: skip
-    lines += fast_markdown(cc)
     nets = cc.get("nets", [])
     if nets:
         rows = []
@@ -231,7 +230,7 @@ def _crosscheck(result) -> list[str]:
             markdown_table(head, rows),
             "",
         ]
-    return lines
+    return lines + fast_markdown(cc)
 
 
 def markdown(result) -> str:
