@@ -8,7 +8,11 @@ written; ``fnbp check`` exits 1 when the cross-check fails, ``fnbp train`` when 
 diverges. ``fnbp train`` checkpoints as it goes; SIGINT or SIGTERM make it save a checkpoint and
 exit (130 or 143), and ``fnbp train --resume RUN_DIR`` continues the run bit for bit. With
 ``--early-stopping PATIENCE`` it holds out ``--val-fraction`` of the training set, stops when the
-validation loss has not improved for PATIENCE epochs and saves the best epoch's params.
+validation loss has not improved for PATIENCE epochs and saves the best epoch's params. With
+``--instruments`` every K-th step also records per-layer statistics from its own backward pass
+(gradient flow, update sizes, per-example gradient-norm quantiles, the noise scale, dead ReLUs)
+into metrics.jsonl and plots them in report.md; with ``--dp-clip C --dp-noise σ`` it trains with
+DP-SGD and writes ε (privacy.json, metrics.jsonl, report.md).
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ DEFAULT_VAL_FRACTION = 0.1  # with --early-stopping and no --val-fraction
 # ... and those of a run whose model is a Net: "net" is its full spec (Net.to_dict()), which
 # --resume rebuilds it from; the others record how it was chosen. An MLP run has none of them.
 NET_SETTINGS = ("net", "net_file", "arch", "depth", "width", "norm", "alpha", "dropout")
+# ... and those of the instruments and of DP-SGD (absent from older configs: neither).
+EXTRA_SETTINGS = ("instruments", "instruments_every", "dp_clip", "dp_noise", "dp_delta")
+DEFAULT_DP_DELTA = 1e-5
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # The data `fnbp check --arch NAME` sizes a preset for: (features, outputs) of digits or mnist1d.
 CHECK_SIZES = {"cnn": (64, 10), "mnist1d_cnn": (40, 10), "resmlp": (64, 10)}
@@ -127,6 +134,16 @@ def _fraction(text):
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1), got {text}")
+    return value
+
+
+def _delta(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a probability in (0, 1), got {text}")
     return value
 
 
@@ -256,6 +273,31 @@ def _parser(raise_errors: bool = False) -> argparse.ArgumentParser:
     t.add_argument(
         "--devices", type=_devices, default=1, metavar="N|all",
         help="split each batch over N devices (data parallel; default 1)",
+    )  # fmt: skip
+    g = t.add_argument_group("instruments and private training")
+    g.add_argument(
+        "--instruments", action="store_true",
+        help="every K-th step of each epoch (--instruments-every) also record, per layer, the "
+        "gradient norm, update size and update/param ratio, δ norm, activation std, dead-ReLU "
+        "fraction and per-example gradient-norm quantiles, and the gradient noise scale, from "
+        "the step's own backward pass, into metrics.jsonl; report.md plots them",
+    )  # fmt: skip
+    g.add_argument(
+        "--instruments-every", type=_positive(int), metavar="K",
+        help="with --instruments: every K-th step of an epoch (default 16)",
+    )  # fmt: skip
+    g.add_argument(
+        "--dp-clip", type=_positive(float), metavar="C",
+        help="DP-SGD: clip each example's gradient to norm C (needs --dp-noise)",
+    )  # fmt: skip
+    g.add_argument(
+        "--dp-noise", type=_nonnegative_float, metavar="SIGMA",
+        help="DP-SGD: Gaussian noise of standard deviation SIGMA·C on the clipped sum (0: "
+        "clipping only, ε = ∞); ε goes to privacy.json, metrics.jsonl and report.md",
+    )  # fmt: skip
+    g.add_argument(
+        "--dp-delta", type=_delta, metavar="DELTA",
+        help=f"DP-SGD: the δ of the (ε, δ) reported (default {DEFAULT_DP_DELTA})",
     )  # fmt: skip
     t.add_argument("--out", help="run folder (default runs/<dataset>-<timestamp>)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
@@ -510,17 +552,20 @@ def _resumed(args, argv) -> tuple[Path, argparse.Namespace]:
         saved = {k: config[k] for k in TRAIN_SETTINGS}
         saved.update({k: config.get(k) for k in NET_SETTINGS})  # absent from an MLP run's
         saved.update({k: config.get(k) for k in VAL_SETTINGS})  # and from older runs' configs
+        saved.update({k: config.get(k) for k in EXTRA_SETTINGS})
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:  # fmt: skip
         raise UsageError(
             f"{config_path}: not an fnbp train config ({type(e).__name__}: {e})"
         ) from None
     rebuilt = ["train"]
     for k, v in saved.items():
-        if v is not None and k not in ("net", "net_file"):  # the net: from its recorded spec
-            rebuilt += [
-                f"--{k.replace('_', '-')}",
-                ",".join(map(str, v)) if k == "sizes" else str(v),
-            ]
+        if v is None or v is False or k in ("net", "net_file"):  # the net: from its spec
+            continue
+        flag = f"--{k.replace('_', '-')}"
+        if v is True:  # a switch (--instruments)
+            rebuilt.append(flag)
+        else:
+            rebuilt += [flag, ",".join(map(str, v)) if k == "sizes" else str(v)]
     try:
         resumed = _parser(raise_errors=True).parse_args(rebuilt)
     except UsageError as e:
@@ -573,7 +618,7 @@ def _run_training(args, argv, stop: _StopOnSignal) -> int:
     from fnbp.io import save_params
     from fnbp.model import MLP, init_state
     from fnbp.report import check_out, environment, save_json
-    from fnbp.train import Interrupted, data_mesh, fit
+    from fnbp.train import Interrupted, NonFiniteError, data_mesh, fit
 
     resume = args.resume is not None
     if resume:
@@ -624,6 +669,22 @@ def _run_training(args, argv, stop: _StopOnSignal) -> int:
             raise UsageError(
                 f"--batch-size {args.batch_size} must be divisible by the {mesh.size} devices"
             )
+    _check_extras(args, model)
+    privacy = _Privacy.of(args, len(ds.x_train))
+    described = {}  # config.json's names for what metrics.jsonl's lists hold
+    if args.instruments:
+        from fnbp.instruments import layer_names
+        from fnbp.instruments.training import left_out
+
+        described["instrument_layers"] = layer_names(model)
+        if left_out(model):
+            print(f"fnbp: --instruments: {left_out(model)}", file=sys.stderr)
+    if privacy.on and privacy.delta >= 1 / privacy.n:
+        print(
+            f"fnbp: --dp-delta {privacy.delta:g} is not below 1/N = 1/{privacy.n}: a mechanism "
+            "that publishes one example in full meets such a δ; choose δ well below 1/N",
+            file=sys.stderr,
+        )
     if args.optimizer == "sgd":
         optimizer = optax.sgd(args.lr, momentum=args.momentum or None)
     else:
@@ -631,7 +692,7 @@ def _run_training(args, argv, stop: _StopOnSignal) -> int:
 
     checkpoints = out / "checkpoints"
     metrics_path = out / "metrics.jsonl"
-    settings = {k: getattr(args, k) for k in (*TRAIN_SETTINGS, *VAL_SETTINGS)}
+    settings = {k: getattr(args, k) for k in (*TRAIN_SETTINGS, *VAL_SETTINGS, *EXTRA_SETTINGS)}
     settings.update(sizes=list(args.sizes) if args.sizes else None, loss=args.loss)
     settings.update(_net_settings(args, model))
     if args.data_dir:
@@ -653,14 +714,17 @@ def _run_training(args, argv, stop: _StopOnSignal) -> int:
             for old in checkpoint.list_checkpoints(checkpoints):
                 old.unlink()
             (out / "params.npz").unlink(missing_ok=True)
-        save_json(out / "config.json", {**settings, "out": str(out), **environment()})
+        save_json(out / "config.json", {**settings, "out": str(out), **described, **environment()})
         records = []
         _write_jsonl(metrics_path, records)
 
     def log(record):
         nonlocal records  # a resumed run replaces the records its predecessor wrote past its checkpoint
-        records = [r for r in records if r["epoch"] < record["epoch"]] + [record]
+        records = [r for r in records if r["epoch"] < record["epoch"]] + [privacy.mark(record)]
         _write_jsonl(metrics_path, records)
+
+    def report():  # report.md (and privacy.json) from the epochs logged so far
+        _write_report(out, args, argv, model, records, privacy)
 
     key = jax.random.key(args.seed)
     k_init, k_data = jax.random.split(key)
@@ -672,12 +736,13 @@ def _run_training(args, argv, stop: _StopOnSignal) -> int:
             key=k_data, epochs=args.epochs, batch_size=args.batch_size, grads=args.grads,
             l2=args.l2, compute_dtype=_compute_dtype(args.compute_dtype), x_test=ds.x_test,
             y_test=ds.y_test, x_val=x_val, y_val=y_val, early_stopping=args.early_stopping,
-            on_nonfinite=args.on_nonfinite,
-            checkpoint_dir=checkpoints, checkpoint_every=args.checkpoint_every, resume=resume,
+            on_nonfinite=args.on_nonfinite, instruments=args.instruments_every,
+            dp_clip=args.dp_clip, dp_noise=args.dp_noise, checkpoint_dir=checkpoints, checkpoint_every=args.checkpoint_every, resume=resume,
             config=settings, mesh=mesh, should_stop=stop, progress=not args.no_progress,
             on_epoch=log,
         )  # fmt: skip
     except Interrupted as e:
+        report()
         signum = stop.signum or signal.SIGINT
         print(
             f"fnbp: {signal.Signals(signum).name}: stopped after step {e.step}; checkpoint "
@@ -685,12 +750,165 @@ def _run_training(args, argv, stop: _StopOnSignal) -> int:
             file=sys.stderr,
         )
         return 128 + signum
-    _write_jsonl(metrics_path, history)
+    except NonFiniteError:
+        report()  # the gradient flow up to the last finished epoch: what a diverged run needs
+        raise
+    records = [privacy.mark(r) for r in history]
+    _write_jsonl(metrics_path, records)
     # a net's state beside its params; with --early-stopping, the best epoch's (fit restores them)
     save_params(out / "params.npz", params, model, *state_out)
+    report()
     print(_summary(history, args.early_stopping, args.epochs))
+    if privacy.on:
+        print(privacy.summary(records[-1]["step"]))
+    if args.instruments or privacy.on:
+        print(f"report: {out / 'report.md'}")
     print(f"run folder: {out}")
     return 0
+
+
+def _check_extras(args, model) -> None:
+    """Check (and resolve into ``args``) the options of the instruments and of DP-SGD, before
+    anything is written: a :class:`UsageError` naming the flag otherwise."""
+    from fnbp.instruments.training import DEFAULT_EVERY
+
+    if args.instruments_every is not None and not args.instruments:
+        raise UsageError(
+            f"--instruments-every {args.instruments_every} sets how often --instruments records; "
+            "add --instruments"
+        )
+    if args.instruments:
+        args.instruments_every = args.instruments_every or DEFAULT_EVERY
+        if args.grads != "manual":
+            raise UsageError(
+                f"--instruments reads the hand-written backward pass's a and δ; drop --grads "
+                f"{args.grads}"
+            )
+    dp = _given(args, "dp_clip", "dp_noise", "dp_delta")
+    if not dp:
+        return
+    if args.dp_clip is None or args.dp_noise is None:
+        missing = "--dp-clip C" if args.dp_clip is None else "--dp-noise SIGMA"
+        raise UsageError(
+            f"{' and '.join(dp)} without {missing.split()[0]}: DP-SGD needs both the clip norm "
+            f"and the noise multiplier; add {missing} (--dp-noise 0: clipping only, no privacy)"
+        )
+    args.dp_delta = DEFAULT_DP_DELTA if args.dp_delta is None else args.dp_delta
+    clash = [f"--grads {args.grads}"] if args.grads != "manual" else []
+    clash += [f"--compute-dtype {args.compute_dtype}"] if args.compute_dtype != "float32" else []
+    clash += ["--instruments"] if args.instruments else []
+    if clash:
+        raise UsageError(
+            f"--dp-clip clips each example's gradient from the hand-written float32 backward "
+            f"pass (with no instruments, yet); drop {', '.join(clash)}"
+        )
+    if model.couples_examples:
+        layer = model.find(lambda l: l.couples_examples)
+        raise UsageError(
+            f"--dp-clip: {_chosen(args)} has a {layer} that couples the examples of a batch in "
+            "train mode, so no per-example gradient exists to clip; use a net without "
+            "BatchNorm (e.g. --norm layer)"
+        )
+
+
+class _Privacy:
+    """DP-SGD's accounting for one run (``on`` False without ``--dp-clip``): ε after a number
+    of steps by :func:`fnbp.instruments.privacy.epsilon` (RDP), for sampling rate B/N."""
+
+    ACCOUNTANT = "rdp"
+    SAMPLING = (
+        "ε is the accountant's for Poisson sampling (each example in a step's batch with "
+        "probability q = batch size / training examples, independently); this run drew "
+        "shuffled batches of fixed size (each epoch a permutation), which is not Poisson "
+        "sampling, so, as in Opacus's and TF-Privacy's reports, the ε is the usual "
+        "approximation, not a proven guarantee for this sampler. Only the training examples "
+        "are accounted for (not the validation or test sets, nor the hyper-parameters)."
+    )
+
+    def __init__(self, clip, noise, delta, batch, n):
+        self.on = clip is not None
+        self.clip, self.noise, self.delta, self.batch, self.n = clip, noise, delta, batch, n
+
+    @classmethod
+    def of(cls, args, n_train: int) -> _Privacy:
+        return cls(args.dp_clip, args.dp_noise, args.dp_delta, args.batch_size, n_train)
+
+    @property
+    def rate(self) -> float:
+        return self.batch / self.n
+
+    def epsilon(self, steps: int) -> float:
+        from fnbp.instruments.privacy import epsilon
+
+        return epsilon(self.noise, self.rate, steps, self.delta, accountant=self.ACCOUNTANT)
+
+    def mark(self, record: dict) -> dict:
+        """``record`` with ``dp_epsilon``, ε after its ``step`` steps (a copy; as given when
+        off)."""
+        if not self.on:
+            return record
+        return {**record, "dp_epsilon": self.epsilon(record["step"])}
+
+    def accounting(self, steps: int) -> dict:
+        """Everything ε depends on, for privacy.json."""
+        return {
+            "epsilon": self.epsilon(steps), "delta": self.delta,
+            "accountant": f"dp-accounting {self.ACCOUNTANT.upper()} (Rényi DP)",
+            "noise_multiplier": self.noise, "clip_norm": self.clip,
+            "sampling_rate": self.rate, "batch_size": self.batch, "n_train": self.n,
+            "steps": steps, "sampling": self.SAMPLING,
+        }  # fmt: skip
+
+    def summary(self, steps: int) -> str:
+        eps = self.epsilon(steps)
+        return (
+            f"DP-SGD: ε = {eps:.4g} at δ = {self.delta:g} (RDP accountant; σ = {self.noise:g}, "
+            f"C = {self.clip:g}, sampling rate {self.batch}/{self.n} = {self.rate:.4g}, {steps} "
+            "steps); ε assumes Poisson sampling, these batches are shuffled and of fixed size "
+            "(see privacy.json)"
+        )
+
+    def markdown(self, steps: int) -> str:
+        a = self.accounting(steps)
+        return "\n".join([
+            "## Privacy (DP-SGD)", "",
+            f"Each example's gradient clipped to norm C = {self.clip:g}, Gaussian noise "
+            f"σC = {self.noise:g}·{self.clip:g} on the sum (one backward pass, "
+            "fnbp.instruments.privacy).", "",
+            f"**ε = {a['epsilon']:.4g} at δ = {self.delta:g}** after {steps} steps, sampling "
+            f"rate q = {self.batch}/{self.n} = {self.rate:.4g}, {a['accountant']}.", "",
+            f"Caveat: {self.SAMPLING}", "",
+        ])  # fmt: skip
+
+
+def _write_report(out: Path, args, argv, model, records: list[dict], privacy: _Privacy) -> None:
+    """``report.md`` (with ``--instruments`` or DP-SGD; nothing otherwise) and, with DP-SGD,
+    ``privacy.json``, from the epoch records logged so far."""
+    import shlex
+
+    from fnbp.instruments import layer_names
+    from fnbp.instruments.training import left_out, report_section
+    from fnbp.report import save_json
+
+    if not (args.instruments or privacy.on):
+        return
+    steps = records[-1]["step"] if records else 0
+    parts = ["# fnbp train", "", "```", "fnbp " + shlex.join(argv), "```", ""]
+    done = f"{len(records)} of {args.epochs} epochs"
+    if records:
+        last = records[-1]
+        acc = last.get("test_accuracy")
+        done += (
+            f", {steps} steps; test accuracy {acc:.4f}" if acc is not None else f", {steps} steps"
+        )
+    parts += [f"Run folder `{out}`: {done}.", ""]
+    if privacy.on:
+        save_json(out / "privacy.json", privacy.accounting(steps))
+        parts.append(privacy.markdown(steps))
+    if args.instruments:
+        parts.append(report_section(out, records, layer_names(model), every=args.instruments_every,
+                                    note=left_out(model)))  # fmt: skip
+    (out / "report.md").write_text("\n".join(parts) + "\n")
 
 
 def _hold_out(ds, fraction: float | None, seed: int) -> tuple:

@@ -41,9 +41,11 @@ import numpy as np
 import optax
 
 from fnbp import checkpoint as ckpt
-from fnbp.backprop import _backprop
+from fnbp.backprop import _backward, check_independent
 from fnbp.data import _check_batch_size, epoch_indices
 from fnbp.initializers import InitScheme, init_params
+from fnbp.instruments import privacy as _privacy
+from fnbp.instruments import training as _instr
 from fnbp.model import (
     MLP,
     Params,
@@ -66,13 +68,15 @@ GRADS = ("manual", "autodiff")
 
 
 def _value_and_grads(model, grads: str, l2, compute_dtype=None) -> Callable:
-    """``(params, state, x, y, masks) -> (loss, grads, new state)`` in train mode, by the
-    chosen method."""
+    """``(params, state, x, y, masks) -> (loss, grads, new state, backward)`` in train mode, by
+    the chosen method; ``backward`` is the hand-written pass's :class:`fnbp.backprop._Backward`
+    (its trace and deltas: what the instruments read), ``None`` for autodiff."""
+    mlp = isinstance(model, MLP)
     if grads == "manual":
 
         def manual(params, state, x, y, masks):
-            r = _backprop(params, model, x, y, l2, compute_dtype, state, masks, True)
-            return r.loss, r.grads, r.state
+            out = _backward(params, model, x, y, l2, compute_dtype, state, masks, True)
+            return out.loss, out.grads, None if mlp else out.trace.state, out
 
         return manual
 
@@ -80,12 +84,12 @@ def _value_and_grads(model, grads: str, l2, compute_dtype=None) -> Callable:
         (loss, new_state), g = jax.value_and_grad(_loss_and_state, has_aux=True)(
             params, model, x, y, l2, compute_dtype, state, masks, True
         )
-        return loss, g, None if isinstance(model, MLP) else new_state
+        return loss, g, None if mlp else new_state, None
 
     return autodiff
 
 
-def _check_config(model, optimizer, grads, l2):
+def _check_config(model, optimizer, grads, l2, instruments=None):
     check_model(model)
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(
@@ -95,6 +99,49 @@ def _check_config(model, optimizer, grads, l2):
     if grads not in GRADS:
         raise ValueError(f"grads must be one of {GRADS}, got {grads!r}")
     check_l2(l2)
+    if instruments is not None and instruments is not False and grads != "manual":
+        raise ValueError(
+            f"instruments={instruments!r} read the hand-written backward pass's a and δ, so they "
+            f"need grads='manual', got grads={grads!r}"
+        )
+
+
+def _check_dp(model, grads, compute_dtype, dp_clip, dp_noise, instruments=None):
+    """``None`` (no DP-SGD) or ``(clip_norm, noise_multiplier)`` as floats, checked.
+
+    Raises:
+        ValueError, TypeError: for one of ``dp_clip``/``dp_noise`` without the other, a clip
+            that is not a finite number > 0, a noise multiplier that is not a finite number
+            ≥ 0, ``grads="autodiff"``, a ``compute_dtype``, instruments, or train-mode
+            BatchNorm (naming the layer).
+    """
+    if dp_clip is None and dp_noise is None:
+        return None
+    if dp_clip is None or dp_noise is None:
+        given, missing = ("dp_clip", "dp_noise") if dp_noise is None else ("dp_noise", "dp_clip")
+        raise ValueError(
+            f"{given} is given without {missing}: DP-SGD needs both, the clip norm C and the "
+            "noise multiplier σ (σ = 0: clipping only, no privacy)"
+        )
+    _privacy._check_number("dp_clip", dp_clip, positive=True)
+    _privacy._check_number("dp_noise", dp_noise, positive=False)
+    if grads != "manual":
+        raise ValueError(
+            f"dp_clip={dp_clip!r} clips each example's gradient from the hand-written backward "
+            f"pass's factors, so it needs grads='manual', got grads={grads!r}"
+        )
+    if compute_dtype is not None:
+        raise ValueError(
+            f"dp_clip={dp_clip!r}: DP-SGD's step computes in the params' dtype; leave "
+            f"compute_dtype unset, got {compute_dtype!r}"
+        )
+    if instruments:
+        raise ValueError(
+            f"dp_clip={dp_clip!r} and instruments={instruments!r} do not go together (yet): the "
+            "private step does not keep the trace the instruments read"
+        )
+    check_independent(model, True, f"dp_clip={dp_clip!r} (DP-SGD)")
+    return float(dp_clip), float(dp_noise)
 
 
 def param_layers(model) -> list[int]:
@@ -136,16 +183,62 @@ def _finite(p) -> Array:
     return out
 
 
-def _step_fn(model, optimizer, grads, l2, compute_dtype=None, skip_nonfinite=False):
-    """``step(params, state, opt_state, key, x, y) -> (params, state, opt_state, metrics)``,
-    for every model (an MLP's state and key are ``None``)."""
+def _step_fn(model, optimizer, grads, l2, compute_dtype=None, skip_nonfinite=False,
+             instruments=None, dp=None):  # fmt: skip
+    """``step(params, state, opt_state, key, x, y, s=None) -> (params, state, opt_state,
+    metrics)``, for every model (an MLP's state and key are ``None``).
+
+    ``instruments``: ``None`` (none), or K: ``metrics["instruments"]`` holds
+    :func:`fnbp.instruments.training.step_stats` of this step when ``s`` (the step's index in
+    its epoch) is a multiple of K, NaN otherwise (a ``lax.cond``: the other steps compute
+    nothing), packed in one vector (:func:`fnbp.instruments.training.pack`; ``step.unpack``
+    turns a stack of them back into the dict once the step has been traced), and
+    ``metrics["instrumented"]`` says which; with ``s=None`` every step is instrumented (the
+    dict itself).
+
+    ``dp``: ``None``, or ``(C, σ)``: the gradient is DP-SGD's
+    (:func:`fnbp.instruments.privacy._dp_grads`: each example's clipped to norm C, noise
+    N(0, σ²C²) on the sum, drawn from :func:`fnbp.instruments.privacy.noise_key` of the step's
+    ``key``), and ``metrics["dp_clipped"]`` is the fraction of the batch's examples whose
+    gradient norm exceeded C."""
     value_and_grads = _value_and_grads(model, grads, l2, compute_dtype)
+    if dp is not None:
+        clip, sigma = dp
+
+        def value_and_grads(params, state, x, y, masks, key=None):  # noqa: F811
+            nk = None if sigma == 0 else _privacy.noise_key(key)
+            g, norms, loss = _privacy._dp_grads(params, model, x, y, l2, state, masks, True,
+                                                clip, sigma, nk)  # fmt: skip
+            return loss, g, state, jnp.mean(norms > clip)  # no BatchNorm: the state stays
+
     with_params, with_weights = param_layers(model), weight_layers(model)
     layers = model.layers
+    per_example = instruments is not None and _instr.left_out(model) is None
 
-    def step(params, state, opt_state, key, x, y):
+    def instrument(new_params, updates, out, s):
+        def stats(new_params, updates, grads, trace, deltas):
+            return _instr.step_stats(model, new_params, updates, grads, trace, deltas, l2,
+                                     per_example)  # fmt: skip
+
+        # only what the statistics read (∂L/∂x, say, is left for XLA to drop), and not the
+        # params before the step: they are updated in place, XLA would copy them every step
+        operands = (new_params, updates, out.grads, out.trace, out.deltas)
+        if s is None:
+            return stats(*operands), jnp.asarray(True)
+        on = s % instruments == 0
+        shapes["stats"] = jax.eval_shape(stats, *operands)
+        packed = jax.eval_shape(lambda *o: _instr.pack(stats(*o)), *operands)
+        blank = lambda *_: jnp.full(packed.shape, jnp.nan, packed.dtype)  # noqa: E731
+        return jax.lax.cond(on, lambda *o: _instr.pack(stats(*o)), blank, *operands), on
+
+    shapes = {}  # the fields' shapes, known once the step is traced
+
+    def step(params, state, opt_state, key, x, y, s=None):
         masks = draw_batch_masks(model, key, x.shape[0], True)
-        loss, g, new_state = value_and_grads(params, state, x, y, masks)
+        if dp is None:
+            loss, g, new_state, out = value_and_grads(params, state, x, y, masks)
+        else:
+            loss, g, new_state, clipped = value_and_grads(params, state, x, y, masks, key)
         updates, new_opt_state = optimizer.update(g, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         finite = lambda tree: jnp.stack([_finite(tree[i]) for i in with_params])  # noqa: E731
@@ -155,6 +248,8 @@ def _step_fn(model, optimizer, grads, l2, compute_dtype=None, skip_nonfinite=Fal
             "grads_finite": finite(g),
             "params_finite": finite(new_params),  # a finite but huge step can overflow them
         }
+        if dp is not None:
+            metrics["dp_clipped"] = clipped
         if skip_nonfinite:  # keep the old state unless the loss, grads and new params are finite
             ok = jnp.isfinite(loss) & metrics["grads_finite"].all() & metrics["params_finite"].all()
             new_params, new_state, new_opt_state = jax.tree.map(
@@ -163,8 +258,15 @@ def _step_fn(model, optimizer, grads, l2, compute_dtype=None, skip_nonfinite=Fal
                 (params, state, opt_state),
             )
             metrics["skipped"] = ~ok
+        if instruments is not None:
+            if skip_nonfinite:  # a skipped step changes nothing
+                updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)
+            metrics["instruments"], metrics["instrumented"] = instrument(
+                new_params, updates, out, s
+            )
         return new_params, new_state, new_opt_state, metrics
 
+    step.unpack = lambda flat: _instr.unpack(flat, shapes["stats"])
     return step
 
 
@@ -176,6 +278,9 @@ def make_train_step(
     l2=0.0,
     compute_dtype=None,
     skip_nonfinite: bool = False,
+    instruments: bool = False,
+    dp_clip=None,
+    dp_noise=None,
 ) -> Callable:
     """A jitted training step (train mode: batch statistics, dropout on).
 
@@ -192,6 +297,21 @@ def make_train_step(
             returns the params, state and optimizer state it was given, unchanged, and says
             so in ``metrics["skipped"]`` (``optax.apply_if_finite`` looks at the gradient
             only, so it lets through a finite step that overflows the params).
+        instruments: also return ``metrics["instruments"]``, the per-layer statistics of
+            :mod:`fnbp.instruments.training` (gradient, update and δ norms, activation std,
+            dead-ReLU fraction, per-example gradient-norm quantiles, noise scale) computed
+            from this step's own backward pass (needs ``grads="manual"``). For every K-th
+            step only, use :func:`make_train_epoch` or :func:`fit` with ``instruments=K``.
+        dp_clip, dp_noise: DP-SGD (Abadi et al. 2016) in place of the plain gradient, then
+            ``optimizer`` on it: each example's gradient of its own loss term clipped to norm
+            ``dp_clip`` = C > 0, Gaussian noise of standard deviation ``dp_noise·C`` (σ ≥ 0)
+            added to their sum, divided by the batch size, plus λW unclipped
+            (:func:`fnbp.instruments.dp_grads`, from the one backward pass's factors). Both
+            or neither; needs ``grads="manual"``, no ``compute_dtype``, no instruments, no
+            train-mode BatchNorm. The step then takes a ``key`` for an MLP too (the noise is
+            drawn from :func:`fnbp.instruments.privacy.noise_key` of it, a net's dropout masks
+            as before), and ``metrics["dp_clipped"]`` is the fraction of the batch clipped.
+            ε is :func:`fnbp.instruments.privacy.epsilon`'s, for the steps taken.
 
     Returns:
         For an MLP ``step(params, opt_state, x, y) -> (params, opt_state, metrics)``; for a
@@ -200,14 +320,31 @@ def make_train_step(
         dropout masks. ``metrics`` holds ``loss`` (the loss before the update),
         ``grad_norms`` (one per layer with weights, :func:`weight_layers`), ``grads_finite``
         and ``params_finite`` (one per layer with params, :func:`param_layers`; the latter of
-        the updated params). Shapes are checked when the step is traced (once per input
+        the updated params). With ``dp_clip`` an MLP's step is ``step(params, opt_state, key,
+        x, y)``. Shapes are checked when the step is traced (once per input
         shape), not on every call. Inputs laid out over several devices
         (``jax.device_put(x, NamedSharding(mesh, P("data")))``, params replicated) run
         data-parallel as they are: XLA splits the batch and all-reduces the gradient sums
         (BatchNorm statistics are then those of the global batch).
     """
-    _check_config(model, optimizer, grads, l2)
-    step = _step_fn(model, optimizer, grads, l2, check_compute_dtype(compute_dtype), skip_nonfinite)
+    if not isinstance(instruments, bool):
+        raise TypeError(f"instruments must be True or False, got {instruments!r}")
+    _check_config(model, optimizer, grads, l2, instruments)
+    compute_dtype = check_compute_dtype(compute_dtype)
+    dp = _check_dp(model, grads, compute_dtype, dp_clip, dp_noise, instruments)
+    step = _step_fn(model, optimizer, grads, l2, compute_dtype, skip_nonfinite,
+                    1 if instruments else None, dp)  # fmt: skip
+
+    if isinstance(model, MLP) and dp is not None:
+
+        @jax.jit
+        def private_step(params, opt_state, key, x, y):
+            check_params(params, model)
+            check_inputs(model, x, y)
+            params, _, opt_state, metrics = step(params, None, opt_state, key, x, y)
+            return params, opt_state, metrics
+
+        return private_step
 
     if isinstance(model, MLP):
 
@@ -232,14 +369,17 @@ def make_train_step(
 
 def _steps_fn(
     model, optimizer, batch_size, grads, l2, compute_dtype=None, batch_sharding=None,
-    skip_nonfinite=False,
+    skip_nonfinite=False, instruments=None, dp=None,
 ):  # fmt: skip
     """``run(params, state, opt_state, key, x, y, start, length)``: steps ``start …
     start+length−1`` of the epoch whose ``key`` draws the shuffle (and, through
     ``fold_in(fold_in(key, 1), s)``, step ``s``'s dropout masks), in one ``lax.scan``; each
     batch is gathered from the whole training set ``x, y`` as its step comes (and laid out by
-    ``batch_sharding``)."""
-    step = _step_fn(model, optimizer, grads, l2, compute_dtype, skip_nonfinite)
+    ``batch_sharding``); with ``instruments`` K, step ``s`` is instrumented when K divides
+    it; with ``dp`` every step (an MLP's too) gets the key ``fold_in(fold_in(key, 1), s)``,
+    DP-SGD's noise drawn from it."""
+    step = _step_fn(model, optimizer, grads, l2, compute_dtype, skip_nonfinite, instruments, dp)
+    keyed = dp is not None or not isinstance(model, MLP)
 
     def run(params, state, opt_state, key, x, y, start, length):
         idx = epoch_indices(key, x.shape[0], batch_size)  # (steps, batch) row indices
@@ -253,22 +393,28 @@ def _steps_fn(
             if batch_sharding is not None:  # split the batch over the mesh's "data" axis
                 xb = jax.lax.with_sharding_constraint(xb, batch_sharding)
                 yb = jax.lax.with_sharding_constraint(yb, batch_sharding)
-            step_key = None if isinstance(model, MLP) else jax.random.fold_in(mask_key, s)
-            params, state, opt_state, metrics = step(params, state, opt_state, step_key, xb, yb)
+            step_key = jax.random.fold_in(mask_key, s) if keyed else None
+            params, state, opt_state, metrics = step(
+                params, state, opt_state, step_key, xb, yb, None if instruments is None else s
+            )
             return (params, state, opt_state), metrics
 
         steps = start + jnp.arange(length)
         (params, state, opt_state), metrics = jax.lax.scan(
             body, (params, state, opt_state), (idx, steps)
         )
+        if instruments is not None:  # one vector per step in the scan: the fields again
+            metrics["instruments"] = step.unpack(metrics["instruments"])
         return params, state, opt_state, metrics
 
     return run
 
 
-def _epoch_fn(model, optimizer, batch_size, grads, l2, compute_dtype=None):
+def _epoch_fn(model, optimizer, batch_size, grads, l2, compute_dtype=None, instruments=None,
+              dp=None):  # fmt: skip
     """``epoch(params, state, opt_state, key, x, y)``: every step of one epoch."""
-    run = _steps_fn(model, optimizer, batch_size, grads, l2, compute_dtype)
+    run = _steps_fn(model, optimizer, batch_size, grads, l2, compute_dtype,
+                    instruments=instruments, dp=dp)  # fmt: skip
     return lambda params, state, opt_state, key, x, y: run(
         params, state, opt_state, key, x, y, 0, x.shape[0] // batch_size
     )
@@ -282,8 +428,21 @@ def make_train_epoch(
     grads: str = "manual",
     l2=0.0,
     compute_dtype=None,
+    instruments: int | None = None,
+    dp_clip=None,
+    dp_noise=None,
 ) -> Callable:
     """A jitted whole epoch: shuffle, then every mini-batch step in one ``lax.scan``.
+
+    Arguments:
+        instruments: ``None``, or K: steps ``s = 0, K, 2K, …`` of the epoch (0-based) also
+            compute the statistics of :mod:`fnbp.instruments.training` from their own
+            backward pass, inside a ``lax.cond`` (the other steps compute none of it):
+            ``metrics["instruments"]`` (NaN on the other steps) and
+            ``metrics["instrumented"]`` (which steps). Needs ``grads="manual"``.
+        dp_clip, dp_noise: DP-SGD, as in :func:`make_train_step`; step ``s``'s noise comes
+            from ``fold_in(fold_in(key, 1), s)`` (a net's dropout masks too).
+        model, optimizer, grads, l2, compute_dtype: as in :func:`make_train_step`.
 
     Returns:
         For an MLP ``epoch(params, opt_state, key, x, y) -> (params, opt_state, metrics)``;
@@ -293,9 +452,12 @@ def make_train_epoch(
         ``len(x) // batch_size`` steps. The last ``len(x) mod batch_size`` shuffled examples
         sit out the epoch.
     """
-    _check_config(model, optimizer, grads, l2)
+    instruments = _instr.check_every(instruments)
+    _check_config(model, optimizer, grads, l2, instruments)
     _check_batch_size(batch_size)
-    epoch = _epoch_fn(model, optimizer, batch_size, grads, l2, check_compute_dtype(compute_dtype))
+    compute_dtype = check_compute_dtype(compute_dtype)
+    dp = _check_dp(model, grads, compute_dtype, dp_clip, dp_noise, instruments)
+    epoch = _epoch_fn(model, optimizer, batch_size, grads, l2, compute_dtype, instruments, dp)
 
     if isinstance(model, MLP):
 
@@ -326,8 +488,16 @@ def make_population_epoch(
     grads: str = "manual",
     l2=0.0,
     compute_dtype=None,
+    instruments: int | None = None,
+    dp_clip=None,
+    dp_noise=None,
 ) -> Callable:
     """:func:`make_train_epoch` vmapped over a population: one XLA program trains them all.
+
+    ``instruments`` K: as in :func:`make_train_epoch`, for every member (the statistics are
+    pure functions of each member's step, vmapped with it; the steps they run on are the same
+    for all, so the ``lax.cond`` stays one branch per step). ``dp_clip``, ``dp_noise``: DP-SGD
+    for every member, as in :func:`make_train_epoch` (each member's noise from its own key).
 
     Returns:
         For an MLP ``epoch(params, opt_states, keys, x, y) -> (params, opt_states, metrics)``;
@@ -338,10 +508,13 @@ def make_population_epoch(
         ``jax.vmap(optimizer.init)``), ``keys`` has shape ``(P,)`` (one shuffle per member),
         and the data ``x, y`` is shared. ``metrics`` entries have shape ``(P, steps, …)``.
     """
-    _check_config(model, optimizer, grads, l2)
+    instruments = _instr.check_every(instruments)
+    _check_config(model, optimizer, grads, l2, instruments)
     _check_batch_size(batch_size)
+    compute_dtype = check_compute_dtype(compute_dtype)
+    dp = _check_dp(model, grads, compute_dtype, dp_clip, dp_noise, instruments)
     epoch = jax.vmap(
-        _epoch_fn(model, optimizer, batch_size, grads, l2, check_compute_dtype(compute_dtype)),
+        _epoch_fn(model, optimizer, batch_size, grads, l2, compute_dtype, instruments, dp),
         in_axes=(0, 0, 0, 0, None, None),
     )
     first = lambda tree: jax.tree.map(lambda v: v[0], tree)  # noqa: E731
@@ -529,6 +702,9 @@ def fit(
     grads: str = "manual",
     l2=0.0,
     compute_dtype=None,
+    instruments: int | None = None,
+    dp_clip=None,
+    dp_noise=None,
     x_test=None,
     y_test=None,
     x_val=None,
@@ -566,6 +742,25 @@ def fit(
         epochs, batch_size, grads, l2, compute_dtype: as in :func:`make_train_epoch`.
         state: a net's initial state (BatchNorm running statistics); ``None`` starts from
             :func:`fnbp.init_state`. An MLP keeps none: leave it ``None``.
+        instruments: ``None``, or K (16 is a good start): steps ``0, K, 2K, …`` of every
+            epoch (0-based within the epoch) also compute, inside the jitted step and from its
+            own backward pass, the per-layer statistics of :mod:`fnbp.instruments.training`
+            (gradient norm, update size and update/param ratio, δ norm, activation std,
+            dead-ReLU fraction, per-example gradient-norm quantiles, the noise scale
+            B_simple); each epoch's record gets them as ``"instruments"``, one dict per
+            instrumented step (``step``: its 1-based number in the run; per-layer lists
+            aligned with :func:`fnbp.instruments.layer_names`). Under train-mode BatchNorm the
+            per-example fields are left out (:func:`fnbp.instruments.training.left_out` says
+            why). Needs ``grads="manual"``; checkpoints keep them, so a resumed run's history
+            equals an uninterrupted one's.
+        dp_clip, dp_noise: DP-SGD in place of the plain gradient (see
+            :func:`make_train_step`): every example's gradient clipped to norm ``dp_clip``,
+            noise ``N(0, (dp_noise·dp_clip)²)`` on their sum, then ``optimizer``; each record
+            gets ``dp_clipped_fraction``, the mean over its steps of the fraction of the
+            batch that was clipped. ε for the steps taken: :func:`fnbp.instruments.privacy.
+            epsilon` with sampling rate ``batch_size / len(x_train)`` (an accountant for
+            Poisson sampling; these batches are shuffled and of fixed size, the usual
+            approximation, as in Opacus and TF-Privacy). Both or neither.
         x_test, y_test: evaluated after every epoch when given, in eval mode (a net's
             running statistics, no dropout).
         x_val, y_val: a validation set, evaluated after every epoch like ``x_test`` (both or
@@ -616,7 +811,8 @@ def fit(
         per layer with weights: :func:`weight_layers`), ``seconds`` (training time so far),
         with ``skipped_steps`` under ``on_nonfinite="skip"``, with test data ``test_loss``
         and (for classifiers) ``test_accuracy``, with validation data ``val_loss`` and
-        ``val_accuracy``, and with ``early_stopping`` ``best_epoch``.
+        ``val_accuracy``, with ``early_stopping`` ``best_epoch``, and with ``instruments``
+        the list of that epoch's instrumented steps (last).
 
     Raises:
         NonFiniteError: see ``on_nonfinite``.
@@ -629,10 +825,12 @@ def fit(
     """
     from tqdm.auto import tqdm
 
+    instruments = _instr.check_every(instruments)
     compute_dtype = _check_fit(
         model, optimizer, grads, l2, compute_dtype, epochs, batch_size, on_nonfinite,
-        checkpoint_every, keep_checkpoints, mesh,
+        checkpoint_every, keep_checkpoints, mesh, instruments,
     )  # fmt: skip
+    dp = _check_dp(model, grads, compute_dtype, dp_clip, dp_noise, instruments)
     _check_early_stopping(early_stopping, restore_best, x_val, y_val)
     state = _initial_state(model, state, key)
     (x_train, y_train), test, val = _fit_data(
@@ -648,21 +846,24 @@ def fit(
     if early_stopping is not None:  # only then: runs checkpointed before it existed resume
         settings.update(early_stopping=early_stopping, restore_best=restore_best,
                         n_val=len(val[0]))  # fmt: skip
+    if instruments is not None:  # likewise
+        settings["instruments"] = instruments
+    if dp is not None:
+        settings.update(dp_clip=dp[0], dp_noise=dp[1])
     folder, found = _open_folder(checkpoint_dir, resume)
     if found:
         at = _resume(found, optimizer, model, params, key, settings)
     else:
-        empty = _empty_partial(len(weight_layers(model)))
+        empty = _empty_partial(len(weight_layers(model)), instruments is not None, dp is not None)
         best = None if early_stopping is None else _Best(0, math.inf, params, state)
         at = _Progress(params, state, optimizer.init(params), 0, [], empty, 0.0, best)
     saver = _Saver(folder, keep_checkpoints, model, key, config, settings, found)
     at, x_train, y_train, batch_sharding = _on_mesh(mesh, at, x_train, y_train)
-    run = jax.jit(
-        _steps_fn(model, optimizer, batch_size, grads, l2, compute_dtype, batch_sharding,
-                  on_nonfinite == "skip"),
-        static_argnums=7,
-    )  # fmt: skip
-    chunk = functools.partial(_chunk, run, model, key, x_train, y_train, on_nonfinite, saver)
+    run = _jitted_steps(model, optimizer, batch_size, grads, l2, compute_dtype, batch_sharding,
+                        on_nonfinite == "skip", instruments, dp)  # fmt: skip
+    relu = _instr.relu_layers(model) if instruments is not None else None
+    chunk = functools.partial(_chunk, run, model, key, x_train, y_train, on_nonfinite, saver,
+                              relu)  # fmt: skip
     evaluate = functools.partial(_evaluate_all, model, {"test": test, "val": val}, l2,
                                  compute_dtype)  # fmt: skip
     bar = tqdm(total=epochs, initial=at.step // schedule.steps_per_epoch, desc="train",
@@ -678,6 +879,21 @@ def fit(
     if isinstance(model, MLP):
         return params, at.opt_state, at.history
     return params, state, at.opt_state, at.history
+
+
+def _jitted_steps(*settings):
+    """``jax.jit`` of :func:`_steps_fn` (the chunk length static), the same one for the same
+    settings (the same optimizer object among them): a second :func:`fit` of a model, a
+    resumed run in the same process, compiles nothing again."""
+    try:
+        return _jitted_steps_cached(*settings)
+    except TypeError:  # an unhashable setting (an l2 array): no cache
+        return jax.jit(_steps_fn(*settings), static_argnums=7)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_steps_cached(*settings):
+    return jax.jit(_steps_fn(*settings), static_argnums=7)
 
 
 class _Progress(NamedTuple):
@@ -760,8 +976,11 @@ def _loop(at, schedule, chunk, evaluate, saver, on_nonfinite, should_stop, show,
                 if patience is not None:
                     best = _better(best, epoch, record["val_loss"], params, state)
                     record["best_epoch"] = best.epoch
+                if "instruments" in partial:  # last: the long field
+                    record["instruments"] = partial["instruments"]
                 history = [*history, record]
-                partial = _empty_partial(len(partial["grad_norm_sums"]))
+                partial = _empty_partial(len(partial["grad_norm_sums"]), "instruments" in partial,
+                                         "clipped_sum" in partial)  # fmt: skip
             at = at._replace(
                 params=params, state=state, opt_state=opt_state, step=at.step + length,
                 history=history, partial=partial, best=best,
@@ -778,15 +997,21 @@ def _loop(at, schedule, chunk, evaluate, saver, on_nonfinite, should_stop, show,
     return at
 
 
-def _chunk(run, model, key, x, y, on_nonfinite, saver, at: _Progress, epoch, pos, length):
+def _chunk(run, model, key, x, y, on_nonfinite, saver, relu, at: _Progress, epoch, pos, length):
     """Steps ``pos … pos+length−1`` of ``epoch`` from ``at``: ``(params, state, opt_state,
-    metrics)``, the metrics on the host (the chunk's one sync), checked by the guard."""
+    metrics)``, the metrics on the host (the chunk's one sync), checked by the guard; with
+    instruments, ``metrics["instrument_records"]`` holds the instrumented steps' records
+    (``relu``: :func:`fnbp.instruments.training.relu_layers`)."""
     params, state, opt_state, metrics = run(
         at.params, at.state, at.opt_state, jax.random.fold_in(key, epoch), x, y, pos, length
     )
     metrics = jax.device_get(metrics)
     if on_nonfinite == "stop":
         _guard(metrics, model, at.step, epoch, saver)
+    if "instruments" in metrics:
+        metrics["instrument_records"] = _instr.records(
+            metrics.pop("instruments"), metrics.pop("instrumented"), at.step + 1, epoch, relu
+        )
     return params, state, opt_state, metrics
 
 
@@ -803,10 +1028,10 @@ def _show(bar, on_epoch, record: dict) -> None:
 
 
 def _check_fit(model, optimizer, grads, l2, compute_dtype, epochs, batch_size, on_nonfinite,
-               checkpoint_every, keep_checkpoints, mesh):  # fmt: skip
+               checkpoint_every, keep_checkpoints, mesh, instruments=None):  # fmt: skip
     """Raise for a bad setting of :func:`fit`; returns the checked ``compute_dtype``."""
     _check_batch_size(epochs, "epochs")
-    _check_config(model, optimizer, grads, l2)
+    _check_config(model, optimizer, grads, l2, instruments)
     _check_batch_size(batch_size)
     compute_dtype = check_compute_dtype(compute_dtype)
     if on_nonfinite not in ON_NONFINITE:
@@ -983,8 +1208,9 @@ def _resume(found: list[Path], optimizer, model, params, key, settings) -> _Prog
     loop = c.loop or {}
     if loop.get("settings") != settings:
         theirs = loop.get("settings") or {}
-        diff = [f"{k} {theirs.get(k)!r} there, {v!r} here" for k, v in settings.items()
-                if theirs.get(k) != v]  # fmt: skip
+        keys = [*settings, *(k for k in theirs if k not in settings)]  # either side's
+        diff = [f"{k} {theirs.get(k)!r} there, {settings.get(k)!r} here" for k in keys
+                if theirs.get(k) != settings.get(k)]  # fmt: skip
         raise ValueError(
             f"{path}: the checkpoint was written by a run with other settings ("
             f"{'; '.join(diff) or 'none recorded'}); resume with the same settings"
@@ -1063,16 +1289,19 @@ def _evaluate_all(model, sets: dict, l2, compute_dtype, params, state) -> dict:
     return out
 
 
-def _empty_partial(n: int) -> dict:
-    """The sums of an epoch before its first step, over ``n`` weight layers."""
-    return {"steps": 0, "loss_sum": 0.0, "grad_norm_sums": [0.0] * n, "skipped": 0}
+def _empty_partial(n: int, instruments: bool = False, dp: bool = False) -> dict:
+    """The sums of an epoch before its first step, over ``n`` weight layers (with
+    ``instruments`` the list of its instrumented steps' records, with ``dp`` the sum of the
+    clipped fractions)."""
+    out = {"steps": 0, "loss_sum": 0.0, "grad_norm_sums": [0.0] * n, "skipped": 0}
+    return out | ({"instruments": []} if instruments else {}) | ({"clipped_sum": 0.0} if dp else {})
 
 
 def _add_chunk(partial: dict, metrics: dict) -> dict:
     """The epoch's running sums after one more chunk (float64, host, in step order), over the
-    steps that were not skipped."""
+    steps that were not skipped (and the chunk's instrument records appended)."""
     taken = ~metrics["skipped"] if "skipped" in metrics else np.ones(len(metrics["loss"]), bool)
-    return {
+    out = {
         "steps": partial["steps"] + int(np.sum(taken)),
         "loss_sum": partial["loss_sum"] + float(np.sum(metrics["loss"][taken], dtype=np.float64)),
         "grad_norm_sums": [
@@ -1085,6 +1314,13 @@ def _add_chunk(partial: dict, metrics: dict) -> dict:
         ],
         "skipped": partial["skipped"] + int(np.sum(~taken)),
     }
+    if "instruments" in partial:
+        out["instruments"] = partial["instruments"] + metrics["instrument_records"]
+    if "clipped_sum" in partial:
+        out["clipped_sum"] = partial["clipped_sum"] + float(
+            np.sum(metrics["dp_clipped"][taken], dtype=np.float64)
+        )
+    return out
 
 
 def _epoch_record(epoch, step, partial, on_nonfinite, seconds) -> dict:
@@ -1098,4 +1334,6 @@ def _epoch_record(epoch, step, partial, on_nonfinite, seconds) -> dict:
     }
     if on_nonfinite == "skip":
         record["skipped_steps"] = partial["skipped"]
+    if "clipped_sum" in partial:
+        record["dp_clipped_fraction"] = partial["clipped_sum"] / n
     return record

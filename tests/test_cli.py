@@ -241,6 +241,78 @@ def test_hold_out_is_a_partition_of_the_training_set_drawn_by_the_seed():
 
 
 # ----------------------------------------------------------------------------------------------
+# train --instruments and DP-SGD
+
+
+def test_train_instruments_records_every_kth_step_and_plots_them_in_report_md(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, printed = _train_quietly(out, "--epochs", "2", "--instruments", "--instruments-every", "20")
+    assert rc == 0 and f"report: {out / 'report.md'}" in printed
+    figures = ["example_norms.png", "gradient_flow.png", "noise_scale.png", "update_ratio.png"]
+    assert {p.name for p in out.glob("*.png")} == set(figures)
+    assert all((out / f).stat().st_size > 10_000 for f in figures)  # drawn, not blank
+    report = (out / "report.md").read_text()
+    assert all(f"]({f})" in report for f in figures) and "Every 20-th step" in report
+    assert "| layer 1 (dense) |" in report and "| layer 2 (dense) |" in report
+    config = json.loads((out / "config.json").read_text())
+    assert config["instrument_layers"] == ["layer 1 (dense)", "layer 2 (dense)"]
+    assert config["instruments"] is True and config["instruments_every"] == 20
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for record in records for r in record["instruments"]]
+    assert steps == [1, 21, 41, 45, 65, 85]  # steps 0, 20, 40 of each 44-step epoch
+    first = records[0]["instruments"][0]
+    assert len(first["grad_norm"]) == 2 and len(first["example_norms"][0]) == 4
+    assert first["dead_fraction"][1] is None and 0 <= first["dead_fraction"][0] <= 1
+    assert first["b_simple"] > 0
+    # --resume rebuilds the switch from config.json: the finished run stays as it was
+    before = (out / "metrics.jsonl").read_text()
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    strip = lambda text: [{k: v for k, v in json.loads(line).items() if k != "seconds"}  # noqa: E731
+                          for line in text.splitlines()]  # fmt: skip
+    assert strip((out / "metrics.jsonl").read_text()) == strip(before)
+
+
+def test_train_instruments_under_batchnorm_leave_out_the_per_example_plots_and_say_why(
+    tmp_path, capsys
+):
+    out = tmp_path / "run"
+    argv = ["train", "--arch", "resmlp", "--depth", "1", "--width", "8", "--norm", "batch",
+            "--epochs", "1", "--instruments", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    why = "layer 2 (residual) branch layer 2 (batch_norm) couples the examples"
+    assert why in capsys.readouterr().err
+    assert why in (out / "report.md").read_text()
+    assert {p.name for p in out.glob("*.png")} == {"gradient_flow.png", "update_ratio.png"}
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["instruments"][0]
+    assert "b_simple" not in record and "example_norms" not in record
+    assert len(record["grad_norm"]) == 6  # dense, 2 dense + BN in the block, dense
+
+
+def test_train_dp_writes_epsilon_its_accounting_and_the_sampling_caveat(tmp_path):
+    from fnbp.instruments.privacy import epsilon
+
+    out = tmp_path / "run"
+    rc, printed = _train_quietly(out, "--epochs", "2", "--dp-clip", "1", "--dp-noise", "1.1")
+    assert rc == 0
+    want = epsilon(1.1, 32 / 1437, 88, 1e-5)  # 2 epochs of 44 batches of 32 of 1437 examples
+    accounting = json.loads((out / "privacy.json").read_text())
+    assert accounting["epsilon"] == pytest.approx(want, rel=1e-12) and 0.5 < want < 5
+    assert accounting["steps"] == 88 and accounting["sampling_rate"] == 32 / 1437
+    assert accounting["delta"] == 1e-5 and "RDP" in accounting["accountant"]
+    assert "not Poisson sampling" in accounting["sampling"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["dp_epsilon"] == pytest.approx(want, rel=1e-12)
+    assert records[0]["dp_epsilon"] < records[1]["dp_epsilon"]  # ε grows with the steps
+    assert all(0 < r["dp_clipped_fraction"] <= 1 for r in records)
+    report = (out / "report.md").read_text()
+    assert f"ε = {want:.4g} at δ = 1e-05" in report and "not Poisson sampling" in report
+    assert f"DP-SGD: ε = {want:.4g} at δ = 1e-05 (RDP accountant" in printed
+    assert "shuffled and of fixed size" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert (config["dp_clip"], config["dp_noise"], config["dp_delta"]) == (1.0, 1.1, 1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
 # train: bad input is reported in one line, exit code 2, nothing written
 
 

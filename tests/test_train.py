@@ -612,6 +612,103 @@ def test_fit_resume_with_other_early_stopping_settings_is_refused(digits, tmp_pa
 
 
 # ----------------------------------------------------------------------------------------------
+# instruments and DP-SGD in fit: checkpointed with the run, resumed bit for bit
+
+
+@pytest.mark.parametrize(
+    "extra", [{"instruments": 16}, {"dp_clip": 1.0, "dp_noise": 0.5}], ids=["instruments", "dp"]
+)
+def test_fit_with_instruments_or_dp_stopped_mid_epoch_and_resumed_ends_bitwise_identical(
+    digits, tmp_path, extra
+):
+    # chunks of 22 steps (two per 44-step epoch): the 3rd ends at step 66, mid-epoch 2; one
+    # optimizer object, so the three fits share one compiled program
+    run = functools.partial(_fit, digits, every=22, optimizer=optax.sgd(0.02, momentum=0.9),
+                            **extra)  # fmt: skip
+    ref_params, _, ref_history = run(tmp_path / "ref")
+    with pytest.raises(train.Interrupted):
+        run(tmp_path / "run", should_stop=_stop_after(3))
+    params, _, history = run(tmp_path / "run", resume=True)
+    chex.assert_trees_all_equal(params, ref_params)  # bit for bit
+    assert _without_seconds(history) == _without_seconds(ref_history)  # the instruments too
+    if "instruments" in extra:  # steps 0, 16, 32 of each epoch, numbered 1-based in the run
+        steps = [r["step"] for record in history for r in record["instruments"]]
+        assert steps == [1, 17, 33, 45, 61, 77, 89, 105, 121]
+        assert history[0]["instruments"][0]["dead_fraction"][1] is None  # no ReLU: the output
+    else:
+        assert all(0 < r["dp_clipped_fraction"] <= 1 for r in history)
+    name = "instruments" if "instruments" in extra else "dp_clip"
+    with pytest.raises(ValueError, match=f"other settings.*{name} .* there, None here"):
+        _fit(digits, tmp_path / "run", every=22, resume=True)
+
+
+def _dp_nets():
+    """An MLP (its DP step takes a key for the noise) and a net with dropout (the same key
+    draws its masks)."""
+    from fnbp.layers import Dense, Dropout
+
+    return [fnbp.MLP((6, 16, 3), "tanh"), fnbp.Net(6, [Dense(16, "relu"), Dropout(0.3), Dense(3)])]
+
+
+def _call(step, model, params, opt_state, key, x, y):
+    """``(params, metrics)`` of a step, an MLP's (key or not) or a net's."""
+    if isinstance(model, fnbp.MLP):
+        args = (params, opt_state, x, y) if key is None else (params, opt_state, key, x, y)
+        out = step(*args)
+        return out[0], out[2]
+    out = step(params, fnbp.init_state(model), opt_state, key, x, y)
+    return out[0], out[3]
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["mlp", "net-with-dropout"])
+def test_a_dp_step_without_noise_and_with_a_huge_clip_is_the_plain_step(which):
+    model = _dp_nets()[which]
+    params = fnbp.init_params(jax.random.key(0), model)
+    _, x, y = _toy(32)
+    opt, key = optax.sgd(0.1, momentum=0.9), jax.random.key(4)
+    plain = train.make_train_step(model, opt, l2=0.01)
+    private = train.make_train_step(model, opt, l2=0.01, dp_clip=1e9, dp_noise=0.0)
+    want, m_plain = _call(plain, model, params, opt.init(params), None if which == 0 else key,
+                          x, y)  # fmt: skip
+    got, m = _call(private, model, params, opt.init(params), key, x, y)
+    # Σᵢ cᵢ δᵢaᵢᵀ with every cᵢ = 1 from the factors against δᵀa: float32 rounding apart
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-8)
+    assert float(m["dp_clipped"]) == 0.0 and float(m["loss"]) == float(m_plain["loss"])
+
+
+def test_a_dp_step_is_dp_grads_with_its_key_then_the_optimizer():
+    model = _dp_nets()[0]
+    params = fnbp.init_params(jax.random.key(0), model)
+    _, x, y = _toy(32)
+    opt, key = optax.adam(1e-2), jax.random.key(4)
+    step = train.make_train_step(model, opt, l2=0.01, dp_clip=0.5, dp_noise=1.0)
+    got, m = _call(step, model, params, opt.init(params), key, x, y)
+    dp = fnbp.instruments.dp_grads(params, model, x, y, clip_norm=0.5, noise_multiplier=1.0,
+                                   key=key, l2=0.01)  # fmt: skip
+    want = optax.apply_updates(params, opt.update(dp.grads, opt.init(params), params)[0])
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-8)  # two jits of one program
+    assert float(m["dp_clipped"]) == pytest.approx(float(jnp.mean(dp.norms > 0.5)))
+
+
+def test_a_dp_population_trains_each_member_with_its_own_noise():
+    model, x, y = _toy(40)
+    params = fnbp.init_params(jax.random.key(0), model)
+    pop = jax.tree.map(lambda v: jnp.stack([v, v]), params)  # one member twice
+    opt, keys = optax.sgd(0.1), jax.random.split(jax.random.key(2), 2)
+    dp = {"dp_clip": 0.5, "dp_noise": 1.0}
+    epoch = train.make_population_epoch(model, opt, batch_size=8, **dp)
+    p, _, m = epoch(pop, jax.vmap(opt.init)(pop), keys, x, y)
+    assert m["dp_clipped"].shape == (2, 5)
+    alone = train.make_train_epoch(model, opt, batch_size=8, **dp)
+    for i in range(2):
+        q = alone(params, opt.init(params), keys[i], x, y)[0]
+        chex.assert_trees_all_close(
+            jax.tree.map(lambda v, i=i: v[i], p), q, rtol=1e-5, atol=1e-7
+        )  # fmt: skip  (vmap: float32 rounding)
+    assert not np.allclose(p[0]["W"][0], p[0]["W"][1])  # other keys, other noise
+
+
+# ----------------------------------------------------------------------------------------------
 # data parallel over 4 (forced) CPU devices, in a fresh process: XLA_FLAGS must be set before
 # JAX starts.
 
