@@ -16,6 +16,7 @@ from fnbp.instruments.per_example import (
     PerExampleNorms,
     gradient_stats,
     layer_names,
+    norm_methods,
     per_example_grad_norms,
 )
 from fnbp.instruments.privacy import DPGrads, dp_grads
@@ -33,6 +34,7 @@ __all__ = [
     "input_gradients",
     "integrated_gradients",
     "layer_names",
+    "norm_methods",
     "per_example_grad_norms",
     "privacy",
 ]
