@@ -216,13 +216,15 @@ def _step_fn(model, optimizer, grads, l2, compute_dtype=None, skip_nonfinite=Fal
     per_example = instruments is not None and _instr.left_out(model) is None
 
     def instrument(new_params, updates, out, s):
-        def stats(new_params, updates, grads, trace, deltas):
-            return _instr.step_stats(model, new_params, updates, grads, trace, deltas, l2,
+        def stats(new_params, updates, grad_sq, trace, deltas):
+            return _instr.step_stats(model, new_params, updates, grad_sq, trace, deltas, l2,
                                      per_example)  # fmt: skip
 
-        # only what the statistics read (∂L/∂x, say, is left for XLA to drop), and not the
-        # params before the step: they are updated in place, XLA would copy them every step
-        operands = (new_params, updates, out.grads, out.trace, out.deltas)
+        # Only what the statistics read (∂L/∂x, say, is left for XLA to drop); not the params
+        # before the step (they are updated in place: XLA would copy them every step), nor the
+        # gradient (its per-layer sums of squares instead: see layer_grad_sq).
+        grad_sq = _instr.layer_grad_sq(out.grads)
+        operands = (new_params, updates, grad_sq, out.trace, out.deltas)
         if s is None:
             return stats(*operands), jnp.asarray(True)
         on = s % instruments == 0
