@@ -22,6 +22,7 @@ from bench.ceiling import matmul_ceiling, step_matmuls
 from bench.common import CONFIGS, GPU_ONLY, ROOT, log, sizes_name
 from bench.crosscheck import CROSSCHECK_SIZES, QUICK_CROSSCHECK_SIZES, crosscheck_section
 from bench.instruments import instruments_section
+from bench.instruments_training import instruments_training_section
 from bench.nets import net_step_section
 from bench.per_example import per_example_section
 from bench.privacy import privacy_section
@@ -150,6 +151,7 @@ def main(argv=None) -> int:
     result["sweep"] = sweep_section(args)
     result["per_example"] = per_example_section(args, on_gpu)
     result["instruments"] = instruments_section(args)
+    result["instruments_training"] = instruments_training_section(args)
     result["privacy"] = privacy_section(args)
     result["crosscheck"] = crosscheck_section(torch_results, args)
     result["meta"] = _meta(args, argv, kind, backend, torch_results, start, load_start)

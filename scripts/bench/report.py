@@ -6,6 +6,7 @@ from __future__ import annotations
 from bench.common import sizes_name
 from bench.crosscheck import fast_markdown
 from bench.instruments import markdown as instruments_markdown
+from bench.instruments_training import markdown as instruments_training_markdown
 from bench.privacy import markdown as privacy_markdown
 from bench.targets import mark
 from fnbp.report import markdown_table
@@ -238,6 +239,8 @@ def markdown(result) -> str:
     lines += _sweep(result) + _per_example(result) + _crosscheck(result)
     if "instruments" in result:
         lines += instruments_markdown(result["instruments"])
+    if "instruments_training" in result:
+        lines += instruments_training_markdown(result["instruments_training"])
     if "privacy" in result:
         lines += privacy_markdown(result["privacy"])
     if result.get("notes"):

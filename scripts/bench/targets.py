@@ -90,6 +90,10 @@ def targets(result, on_gpu: bool, kind: str) -> list[dict]:
                   "measured": f"{r['ratio']:.3f} (per-round IQR {r['paired_iqr'][0]:.3f}–{r['paired_iqr'][1]:.3f}); "
                               f"vmap(jax.grad) {o['vmap_ratio']['ratio']:.0f}×",
                   "met": r["ratio"] <= 1.05})  # fmt: skip
+    if result.get("instruments_training"):
+        from bench.instruments_training import target as instruments_training_target
+
+        t.append(instruments_training_target(result["instruments_training"]))
     if "privacy" in result:
         t.append(_privacy_target(result["privacy"]))
     t += _crosscheck_targets(result["crosscheck"])
