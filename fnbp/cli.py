@@ -97,54 +97,26 @@ def _positive(kind):
     return parse
 
 
-def _nonnegative_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be >= 0 (and finite), got {text}")
-    return value
+def _number(ok, must: str):
+    """An argparse ``type``: a float for which ``ok`` holds, else an error saying it ``must``."""
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {must}, got {text}")
+        return value
+
+    return parse
 
 
-def _finite_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
-    return value
-
-
-def _rate(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be a drop probability in [0, 1), got {text}")
-    return value
-
-
-def _fraction(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1), got {text}")
-    return value
-
-
-def _delta(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be a probability in (0, 1), got {text}")
-    return value
+_nonnegative_float = _number(lambda v: v >= 0 and math.isfinite(v), ">= 0 (and finite)")
+_finite_float = _number(math.isfinite, "finite")
+_rate = _number(lambda v: 0 <= v < 1, "a drop probability in [0, 1)")
+_fraction = _number(lambda v: 0 < v < 1, "a fraction in (0, 1)")
+_delta = _number(lambda v: 0 < v < 1, "a probability in (0, 1)")
 
 
 def _devices(text: str) -> int | str:
