@@ -13,14 +13,16 @@
 
 Gradients come from the hand-written :func:`fnbp.backprop` (``grads="manual"``) or from
 ``jax.value_and_grad(fnbp.loss)`` (``grads="autodiff"``); the optimizer is any optax
-``GradientTransformation``. Metrics of every step: ``loss`` (scalar), ``grad_norms`` (the
-Frobenius norm ‖∂L/∂W‖ of each layer's weight gradient, one per layer with weights:
-:func:`weight_layers`; ``(L,)`` for an MLP), ``grads_finite`` (bool, one per layer with params:
-:func:`param_layers`; every entry of that layer's gradient is finite) and ``params_finite``
-(the same for the updated params).
+``GradientTransformation``. What each step reports is chosen by ``metrics=``
+(:mod:`fnbp.guard`): ``"loss"`` (a scalar; the default of :func:`make_train_step`),
+``"norms"`` (also ``grad_norms``, the Frobenius norm ‖∂L/∂W‖ of each layer's weight gradient,
+one per layer with weights: :func:`weight_layers`; the default of the epochs and :func:`fit`)
+or ``"full"`` (also per-layer finiteness flags of the gradient, the updated params and the
+optimizer state, one per layer with params: :func:`param_layers`).
 
 :func:`fit` also checkpoints and resumes (:mod:`fnbp.checkpoint`), guards against divergence
-(a non-finite loss, gradient or update stops the run with :class:`NonFiniteError`, or is skipped),
+(a non-finite loss, gradient, update or optimizer state stops the run with
+:class:`NonFiniteError`, or is skipped),
 stops cleanly when asked (:class:`Interrupted`), stops early when a validation loss stops
 improving (``early_stopping=``), and splits each batch over several devices (:func:`data_mesh`).
 """
@@ -41,6 +43,8 @@ import numpy as np
 import optax
 
 from fnbp import checkpoint as ckpt
+from fnbp import guard as _guard
+from fnbp.guard import NonFiniteError
 from fnbp.backprop import _backward, check_independent
 from fnbp.data import _check_batch_size, epoch_indices
 from fnbp.initializers import InitScheme, init_params
@@ -163,30 +167,14 @@ def weight_layers(model) -> list[int]:
     ]
 
 
-def _grad_norm(layer, g) -> Array:
-    """‖∂L/∂W‖_F of the layer's weights (all of them together for a residual block)."""
-    ws = [w.astype(jnp.float32) for w in layer.weights(g)]
-    if len(ws) == 1:
-        return jnp.linalg.norm(ws[0])
-    return jnp.sqrt(sum(jnp.sum(jnp.square(w)) for w in ws))
-
-
-def _finite(p) -> Array:
-    """Every entry of the layer's leaves is finite. A sum is finite exactly when its entries
-    are, unless it overflows (|Σ| past the dtype's range, entries ~1e32 in float32: a blown-up
-    run either way); it fuses into passes XLA makes anyway, where isfinite(v).all() cost ~10%
-    of a 784-1024-1024-10 step on CPU."""
-    flags = [jnp.isfinite(jnp.sum(v)) for v in jax.tree.leaves(p)]
-    out = flags[0]
-    for f in flags[1:]:
-        out = out & f
-    return out
-
-
 def _step_fn(model, optimizer, grads, l2, compute_dtype=None, skip_nonfinite=False,
-             instruments=None, dp=None):  # fmt: skip
+             instruments=None, dp=None, metrics="norms"):  # fmt: skip
     """``step(params, state, opt_state, key, x, y, s=None) -> (params, state, opt_state,
     metrics)``, for every model (an MLP's state and key are ``None``).
+
+    ``metrics``: ``"loss"``, ``"norms"`` or ``"full"`` (:mod:`fnbp.guard`). With
+    ``skip_nonfinite`` the step computes the ``"full"`` flags to decide (and reports
+    ``metrics["skipped"]``), whatever ``metrics`` says.
 
     ``instruments``: ``None`` (none), or K: ``metrics["instruments"]`` holds
     :func:`fnbp.instruments.training.step_stats` of this step when ``s`` (the step's index in
@@ -212,7 +200,6 @@ def _step_fn(model, optimizer, grads, l2, compute_dtype=None, skip_nonfinite=Fal
             return loss, g, state, jnp.mean(norms > clip)  # no BatchNorm: the state stays
 
     with_params, with_weights = param_layers(model), weight_layers(model)
-    layers = model.layers
     per_example = instruments is not None and _instr.left_out(model) is None
 
     def instrument(new_params, updates, out, s):
@@ -243,30 +230,29 @@ def _step_fn(model, optimizer, grads, l2, compute_dtype=None, skip_nonfinite=Fal
             loss, g, new_state, clipped = value_and_grads(params, state, x, y, masks, key)
         updates, new_opt_state = optimizer.update(g, opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        finite = lambda tree: jnp.stack([_finite(tree[i]) for i in with_params])  # noqa: E731
-        metrics = {
-            "loss": loss,
-            "grad_norms": jnp.stack([_grad_norm(layers[i], g[i]) for i in with_weights]),
-            "grads_finite": finite(g),
-            "params_finite": finite(new_params),  # a finite but huge step can overflow them
-        }
+        out_metrics = {"loss": loss}
+        if metrics != "loss":
+            out_metrics["grad_norms"] = _guard.grad_norms(model, g, with_weights)
+        if metrics == "full" or skip_nonfinite:
+            flags = _guard.full(g, new_params, new_opt_state, with_params)
+            out_metrics.update(flags if metrics == "full" else {})
         if dp is not None:
-            metrics["dp_clipped"] = clipped
-        if skip_nonfinite:  # keep the old state unless the loss, grads and new params are finite
-            ok = jnp.isfinite(loss) & metrics["grads_finite"].all() & metrics["params_finite"].all()
+            out_metrics["dp_clipped"] = clipped
+        if skip_nonfinite:  # keep the old state unless the loss, grads, params, opt state are finite
+            ok = _guard.step_ok(loss, flags)
             new_params, new_state, new_opt_state = jax.tree.map(
                 lambda new, old: jnp.where(ok, new, old),
                 (new_params, new_state, new_opt_state),
                 (params, state, opt_state),
             )
-            metrics["skipped"] = ~ok
+            out_metrics["skipped"] = ~ok
         if instruments is not None:
             if skip_nonfinite:  # a skipped step changes nothing
                 updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)
-            metrics["instruments"], metrics["instrumented"] = instrument(
+            out_metrics["instruments"], out_metrics["instrumented"] = instrument(
                 new_params, updates, out, s
             )
-        return new_params, new_state, new_opt_state, metrics
+        return new_params, new_state, new_opt_state, out_metrics
 
     step.unpack = lambda flat: _instr.unpack(flat, shapes["stats"])
     return step
@@ -283,6 +269,7 @@ def make_train_step(
     instruments: bool = False,
     dp_clip=None,
     dp_noise=None,
+    metrics: str = "loss",
 ) -> Callable:
     """A jitted training step (train mode: batch statistics, dropout on).
 
@@ -295,10 +282,11 @@ def make_train_step(
         compute_dtype: ``None``, or e.g. ``jnp.bfloat16`` for mixed precision: the params
             stay the (float32) master copy the optimizer updates, the gradients are computed
             in ``compute_dtype`` as in :func:`fnbp.backprop`.
-        skip_nonfinite: a step whose loss, gradient or updated params hold a NaN or Inf
-            returns the params, state and optimizer state it was given, unchanged, and says
-            so in ``metrics["skipped"]`` (``optax.apply_if_finite`` looks at the gradient
-            only, so it lets through a finite step that overflows the params).
+        skip_nonfinite: a step whose loss, gradient, updated params or new optimizer state
+            hold a NaN or Inf returns the params, state and optimizer state it was given,
+            unchanged, and says so in ``metrics["skipped"]`` (``optax.apply_if_finite`` looks
+            at the gradient only, so it lets through a finite step that overflows the params
+            or the optimizer state).
         instruments: also return ``metrics["instruments"]``, the per-layer statistics of
             :mod:`fnbp.instruments.training` (gradient, update and δ norms, activation std,
             dead-ReLU fraction, per-example gradient-norm quantiles, noise scale) computed
@@ -314,15 +302,22 @@ def make_train_step(
             drawn from :func:`fnbp.instruments.privacy.noise_key` of it, a net's dropout masks
             as before), and ``metrics["dp_clipped"]`` is the fraction of the batch clipped.
             ε is :func:`fnbp.instruments.privacy.epsilon`'s, for the steps taken.
+        metrics: what the step reports beside its loss (:mod:`fnbp.guard`): ``"loss"``
+            (nothing: the step a plain ``jax.value_and_grad`` + optax loop runs; a NaN or Inf
+            that enters the params shows in the next step's loss), ``"norms"`` (the weight
+            gradients' norms) or ``"full"`` (the norms and per-layer finiteness flags of the
+            gradient, the updated params and the optimizer state).
 
     Returns:
         For an MLP ``step(params, opt_state, x, y) -> (params, opt_state, metrics)``; for a
         Net ``step(params, state, opt_state, key, x, y) -> (params, state, opt_state,
         metrics)``, ``state`` from :func:`fnbp.init_state` and ``key`` drawing this step's
-        dropout masks. ``metrics`` holds ``loss`` (the loss before the update),
-        ``grad_norms`` (one per layer with weights, :func:`weight_layers`), ``grads_finite``
-        and ``params_finite`` (one per layer with params, :func:`param_layers`; the latter of
-        the updated params). With ``dp_clip`` an MLP's step is ``step(params, opt_state, key,
+        dropout masks. ``metrics`` holds ``loss`` (the loss before the update); with
+        ``metrics="norms"`` also ``grad_norms`` (one per layer with weights,
+        :func:`weight_layers`); with ``"full"`` also ``grads_finite``, ``params_finite`` (one
+        per layer with params, :func:`param_layers`; of the updated params) and
+        ``opt_state_finite`` (one more: the leaves tied to no layer; see
+        :func:`fnbp.guard.opt_state_flags`). With ``dp_clip`` an MLP's step is ``step(params, opt_state, key,
         x, y)``. Shapes are checked when the step is traced (once per input
         shape), not on every call. Inputs laid out over several devices
         (``jax.device_put(x, NamedSharding(mesh, P("data")))``, params replicated) run
@@ -335,7 +330,7 @@ def make_train_step(
     compute_dtype = check_compute_dtype(compute_dtype)
     dp = _check_dp(model, grads, compute_dtype, dp_clip, dp_noise, instruments)
     step = _step_fn(model, optimizer, grads, l2, compute_dtype, skip_nonfinite,
-                    1 if instruments else None, dp)  # fmt: skip
+                    1 if instruments else None, dp, _guard.check_metrics(metrics))  # fmt: skip
 
     if isinstance(model, MLP) and dp is not None:
 
@@ -371,7 +366,7 @@ def make_train_step(
 
 def _steps_fn(
     model, optimizer, batch_size, grads, l2, compute_dtype=None, batch_sharding=None,
-    skip_nonfinite=False, instruments=None, dp=None,
+    skip_nonfinite=False, instruments=None, dp=None, metrics="norms", end_check=False,
 ):  # fmt: skip
     """``run(params, state, opt_state, key, x, y, start, length)``: steps ``start …
     start+length−1`` of the epoch whose ``key`` draws the shuffle (and, through
@@ -379,8 +374,11 @@ def _steps_fn(
     batch is gathered from the whole training set ``x, y`` as its step comes (and laid out by
     ``batch_sharding``); with ``instruments`` K, step ``s`` is instrumented when K divides
     it; with ``dp`` every step (an MLP's too) gets the key ``fold_in(fold_in(key, 1), s)``,
-    DP-SGD's noise drawn from it."""
-    step = _step_fn(model, optimizer, grads, l2, compute_dtype, skip_nonfinite, instruments, dp)
+    DP-SGD's noise drawn from it; ``metrics`` as in :func:`_step_fn`; with ``end_check``,
+    ``metrics["end_finite"]`` (a scalar, no steps axis) says whether the params, state and
+    optimizer state at the end are finite (:func:`fnbp.guard.all_finite`)."""
+    step = _step_fn(model, optimizer, grads, l2, compute_dtype, skip_nonfinite, instruments, dp,
+                    metrics)  # fmt: skip
     keyed = dp is not None or not isinstance(model, MLP)
 
     def run(params, state, opt_state, key, x, y, start, length):
@@ -396,27 +394,29 @@ def _steps_fn(
                 xb = jax.lax.with_sharding_constraint(xb, batch_sharding)
                 yb = jax.lax.with_sharding_constraint(yb, batch_sharding)
             step_key = jax.random.fold_in(mask_key, s) if keyed else None
-            params, state, opt_state, metrics = step(
+            params, state, opt_state, out = step(
                 params, state, opt_state, step_key, xb, yb, None if instruments is None else s
             )
-            return (params, state, opt_state), metrics
+            return (params, state, opt_state), out
 
         steps = start + jnp.arange(length)
-        (params, state, opt_state), metrics = jax.lax.scan(
+        (params, state, opt_state), out = jax.lax.scan(
             body, (params, state, opt_state), (idx, steps)
         )
         if instruments is not None:  # one vector per step in the scan: the fields again
-            metrics["instruments"] = step.unpack(metrics["instruments"])
-        return params, state, opt_state, metrics
+            out["instruments"] = step.unpack(out["instruments"])
+        if end_check:  # once per chunk: what a non-finite step leaves behind
+            out["end_finite"] = _guard.all_finite(params, state, opt_state)
+        return params, state, opt_state, out
 
     return run
 
 
 def _epoch_fn(model, optimizer, batch_size, grads, l2, compute_dtype=None, instruments=None,
-              dp=None):  # fmt: skip
+              dp=None, metrics="norms"):  # fmt: skip
     """``epoch(params, state, opt_state, key, x, y)``: every step of one epoch."""
     run = _steps_fn(model, optimizer, batch_size, grads, l2, compute_dtype,
-                    instruments=instruments, dp=dp)  # fmt: skip
+                    instruments=instruments, dp=dp, metrics=metrics)  # fmt: skip
     return lambda params, state, opt_state, key, x, y: run(
         params, state, opt_state, key, x, y, 0, x.shape[0] // batch_size
     )
@@ -433,6 +433,7 @@ def make_train_epoch(
     instruments: int | None = None,
     dp_clip=None,
     dp_noise=None,
+    metrics: str = "norms",
 ) -> Callable:
     """A jitted whole epoch: shuffle, then every mini-batch step in one ``lax.scan``.
 
@@ -444,6 +445,8 @@ def make_train_epoch(
             ``metrics["instrumented"]`` (which steps). Needs ``grads="manual"``.
         dp_clip, dp_noise: DP-SGD, as in :func:`make_train_step`; step ``s``'s noise comes
             from ``fold_in(fold_in(key, 1), s)`` (a net's dropout masks too).
+        metrics: ``"norms"`` (the loss and ``grad_norms`` of every step), ``"loss"`` or
+            ``"full"`` (also the per-layer finiteness flags), as in :func:`make_train_step`.
         model, optimizer, grads, l2, compute_dtype: as in :func:`make_train_step`.
 
     Returns:
@@ -459,7 +462,8 @@ def make_train_epoch(
     _check_batch_size(batch_size)
     compute_dtype = check_compute_dtype(compute_dtype)
     dp = _check_dp(model, grads, compute_dtype, dp_clip, dp_noise, instruments)
-    epoch = _epoch_fn(model, optimizer, batch_size, grads, l2, compute_dtype, instruments, dp)
+    epoch = _epoch_fn(model, optimizer, batch_size, grads, l2, compute_dtype, instruments, dp,
+                      _guard.check_metrics(metrics))  # fmt: skip
 
     if isinstance(model, MLP):
 
@@ -493,6 +497,7 @@ def make_population_epoch(
     instruments: int | None = None,
     dp_clip=None,
     dp_noise=None,
+    metrics: str = "norms",
 ) -> Callable:
     """:func:`make_train_epoch` vmapped over a population: one XLA program trains them all.
 
@@ -500,6 +505,7 @@ def make_population_epoch(
     pure functions of each member's step, vmapped with it; the steps they run on are the same
     for all, so the ``lax.cond`` stays one branch per step). ``dp_clip``, ``dp_noise``: DP-SGD
     for every member, as in :func:`make_train_epoch` (each member's noise from its own key).
+    ``metrics``: as in :func:`make_train_epoch`.
 
     Returns:
         For an MLP ``epoch(params, opt_states, keys, x, y) -> (params, opt_states, metrics)``;
@@ -516,7 +522,8 @@ def make_population_epoch(
     compute_dtype = check_compute_dtype(compute_dtype)
     dp = _check_dp(model, grads, compute_dtype, dp_clip, dp_noise, instruments)
     epoch = jax.vmap(
-        _epoch_fn(model, optimizer, batch_size, grads, l2, compute_dtype, instruments, dp),
+        _epoch_fn(model, optimizer, batch_size, grads, l2, compute_dtype, instruments, dp,
+                  _guard.check_metrics(metrics)),
         in_axes=(0, 0, 0, 0, None, None),
     )
     first = lambda tree: jax.tree.map(lambda v: v[0], tree)  # noqa: E731
@@ -619,52 +626,6 @@ def data_mesh(devices: int | str | Sequence[jax.Device] | None = "all") -> jax.s
     return jax.sharding.Mesh(np.array(chosen), ("data",))
 
 
-class NonFiniteError(FloatingPointError):
-    """Training met a non-finite loss, gradient or updated params (``on_nonfinite="stop"``).
-
-    Attributes:
-        step: the 1-based number of the step whose loss, gradient or update was non-finite.
-        epoch: the 1-based epoch it belongs to.
-        what: ``"gradient"`` (some gradient entry is NaN or Inf), ``"params"`` (the gradient
-            is finite but the update made some params non-finite) or ``"loss"`` (only the
-            loss is).
-        layer: the first layer (1-based, in ``params`` order) whose gradient (or, for
-            ``"params"``, updated params) is non-finite; ``None`` for ``"loss"``.
-        layers: every such layer at that step.
-        loss: that step's loss.
-        checkpoint: the last checkpoint written (all finite), or ``None``.
-
-    The message names each layer by number, and for a :class:`fnbp.Net` by kind too
-    (``layer 3 (conv)``), from ``kinds``: the kind of every layer, in order.
-    """
-
-    def __init__(self, step, epoch, what, layers, loss, checkpoint, checkpointing=True,
-                 kinds=None):  # fmt: skip
-        self.step, self.epoch, self.what, self.layers, self.loss = step, epoch, what, layers, loss
-        self.layer = layers[0] if layers else None
-        self.checkpoint = checkpoint
-        name = (lambda l: str(l)) if kinds is None else (lambda l: f"{l} ({kinds[l - 1]})")
-        listed = (
-            f"(non-finite in layers {', '.join(map(name, layers))} of the model), loss {loss:g}"
-        )
-        if what == "gradient":
-            what = f"the gradient of layer {name(self.layer)} is non-finite {listed}"
-        elif what == "params":
-            what = f"the update made the params of layer {name(self.layer)} non-finite {listed}"
-        else:
-            what = f"the loss is {loss:g} (gradients and params finite)"
-        if checkpoint:
-            kept = f"the last finite checkpoint is {checkpoint}"
-        elif checkpointing:
-            kept = "it came before the first checkpoint"
-        else:
-            kept = "no checkpoints were kept (give a checkpoint folder to keep the last finite one)"
-        super().__init__(
-            f"training diverged at step {step} (epoch {epoch}): {what}; {kept}. Lower the "
-            "learning rate, or skip such steps (on_nonfinite='skip', --on-nonfinite skip)"
-        )
-
-
 class Interrupted(KeyboardInterrupt):
     """Training stopped early, on request (``should_stop``) or by ``KeyboardInterrupt``.
 
@@ -707,6 +668,7 @@ def fit(
     instruments: int | None = None,
     dp_clip=None,
     dp_noise=None,
+    metrics: str = "norms",
     x_test=None,
     y_test=None,
     x_val=None,
@@ -763,6 +725,10 @@ def fit(
             epsilon` with sampling rate ``batch_size / len(x_train)`` (an accountant for
             Poisson sampling; these batches are shuffled and of fixed size, the usual
             approximation, as in Opacus and TF-Privacy). Both or neither.
+        metrics: ``"norms"`` (each step's loss and weight-gradient norms: the records'
+            ``train_loss`` and ``grad_norms``), ``"loss"`` (the loss only; records without
+            ``grad_norms``) or ``"full"`` (also every step's finiteness flags, which the guard
+            then reads directly): :mod:`fnbp.guard`.
         x_test, y_test: evaluated after every epoch when given, in eval mode (a net's
             running statistics, no dropout).
         x_val, y_val: a validation set, evaluated after every epoch like ``x_test`` (both or
@@ -779,11 +745,15 @@ def fit(
             epoch's either way. Ignored without ``early_stopping``. The best params and state,
             epoch and ``val_loss`` are checkpointed, so a resumed run stops, and returns, as
             an uninterrupted one.
-        on_nonfinite: ``"stop"``: a step whose loss, any gradient entry or any updated
-            parameter is non-finite ends the run with :class:`NonFiniteError` (naming the step
-            and layer; the last checkpoint, all finite, is kept). ``"skip"``: such steps leave
-            params, state and optimizer state unchanged and are counted in ``skipped_steps``
-            (``train_loss`` and ``grad_norms`` average the others).
+        on_nonfinite: ``"stop"``: a step whose loss, any gradient entry, any updated
+            parameter or any entry of the new optimizer state is non-finite ends the run with
+            :class:`NonFiniteError` (naming the step and layer; the last checkpoint, all
+            finite, is kept). The steps themselves compute no flags: the host reads a chunk's
+            losses and whether its end state is finite, and replays a chunk that failed either
+            with per-step flags to name the step (:mod:`fnbp.guard`). ``"skip"``: such steps
+            leave params, state and optimizer state unchanged and are counted in
+            ``skipped_steps`` (``train_loss`` and ``grad_norms`` average the others); each step
+            then computes its flags.
         checkpoint_dir: save a :class:`fnbp.checkpoint.Checkpoint` after every chunk, as
             ``ckpt-<step>.npz``, keeping the newest ``keep_checkpoints``.
         checkpoint_every: chunk length in steps (see above); ``None``: one chunk per epoch.
@@ -833,6 +803,7 @@ def fit(
         checkpoint_every, keep_checkpoints, mesh, instruments,
     )  # fmt: skip
     dp = _check_dp(model, grads, compute_dtype, dp_clip, dp_noise, instruments)
+    _guard.check_metrics(metrics)
     _check_early_stopping(early_stopping, restore_best, x_val, y_val)
     state = _initial_state(model, state, key)
     (x_train, y_train), test, val = _fit_data(
@@ -852,20 +823,26 @@ def fit(
         settings["instruments"] = instruments
     if dp is not None:
         settings.update(dp_clip=dp[0], dp_noise=dp[1])
+    if metrics != "norms":
+        settings["metrics"] = metrics
     folder, found = _open_folder(checkpoint_dir, resume)
     if found:
         at = _resume(found, optimizer, model, params, key, settings)
     else:
-        empty = _empty_partial(len(weight_layers(model)), instruments is not None, dp is not None)
+        n_norms = 0 if metrics == "loss" else len(weight_layers(model))
+        empty = _empty_partial(n_norms, instruments is not None, dp is not None)
         best = None if early_stopping is None else _Best(0, math.inf, params, state)
         at = _Progress(params, state, optimizer.init(params), 0, [], empty, 0.0, best)
     saver = _Saver(folder, keep_checkpoints, model, key, config, settings, found)
     at, x_train, y_train, batch_sharding = _on_mesh(mesh, at, x_train, y_train)
+    stop = on_nonfinite == "stop"
     run = _jitted_steps(model, optimizer, batch_size, grads, l2, compute_dtype, batch_sharding,
-                        on_nonfinite == "skip", instruments, dp)  # fmt: skip
+                        not stop, instruments, dp, metrics, stop)  # fmt: skip
+    replay = functools.partial(_jitted_steps, model, optimizer, batch_size, grads, l2,
+                               compute_dtype, batch_sharding, False, None, dp, "full")  # fmt: skip
     relu = _instr.relu_layers(model) if instruments is not None else None
-    chunk = functools.partial(_chunk, run, model, key, x_train, y_train, on_nonfinite, saver,
-                              relu)  # fmt: skip
+    chunk = functools.partial(_chunk, run, replay, model, key, x_train, y_train, on_nonfinite,
+                              saver, relu)  # fmt: skip
     evaluate = functools.partial(_evaluate_all, model, {"test": test, "val": val}, l2,
                                  compute_dtype)  # fmt: skip
     bar = tqdm(total=epochs, initial=at.step // schedule.steps_per_epoch, desc="train",
@@ -893,7 +870,7 @@ def _jitted_steps(*settings):
         return jax.jit(_steps_fn(*settings), static_argnums=7)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=16)
 def _jitted_steps_cached(*settings):
     return jax.jit(_steps_fn(*settings), static_argnums=7)
 
@@ -999,17 +976,19 @@ def _loop(at, schedule, chunk, evaluate, saver, on_nonfinite, should_stop, show,
     return at
 
 
-def _chunk(run, model, key, x, y, on_nonfinite, saver, relu, at: _Progress, epoch, pos, length):
+def _chunk(run, replay, model, key, x, y, on_nonfinite, saver, relu, at: _Progress, epoch, pos,
+           length):  # fmt: skip
     """Steps ``pos … pos+length−1`` of ``epoch`` from ``at``: ``(params, state, opt_state,
-    metrics)``, the metrics on the host (the chunk's one sync), checked by the guard; with
-    instruments, ``metrics["instrument_records"]`` holds the instrumented steps' records
-    (``relu``: :func:`fnbp.instruments.training.relu_layers`)."""
-    params, state, opt_state, metrics = run(
-        at.params, at.state, at.opt_state, jax.random.fold_in(key, epoch), x, y, pos, length
-    )
+    metrics)``, the metrics on the host (the chunk's one sync), checked by the guard (which
+    may call ``replay()`` for a ``"full"`` run of the same steps); with instruments,
+    ``metrics["instrument_records"]`` holds the instrumented steps' records (``relu``:
+    :func:`fnbp.instruments.training.relu_layers`)."""
+    args = (jax.random.fold_in(key, epoch), x, y, pos, length)
+    params, state, opt_state, metrics = run(at.params, at.state, at.opt_state, *args)
     metrics = jax.device_get(metrics)
     if on_nonfinite == "stop":
-        _guard(metrics, model, at.step, epoch, saver)
+        rerun = lambda: jax.device_get(replay()(at.params, at.state, at.opt_state, *args)[3])  # noqa: E731
+        _check_chunk(metrics, rerun, model, at.step, epoch, saver)
     if "instruments" in metrics:
         metrics["instrument_records"] = _instr.records(
             metrics.pop("instruments"), metrics.pop("instrumented"), at.step + 1, epoch, relu
@@ -1240,32 +1219,28 @@ def _resume(found: list[Path], optimizer, model, params, key, settings) -> _Prog
 # The guard.
 
 
-def _guard(metrics: dict, model, step: int, epoch: int, saver: _Saver) -> None:
+def _check_chunk(metrics: dict, rerun, model, step: int, epoch: int, saver: _Saver) -> None:
     """Raise :class:`NonFiniteError` for the first non-finite step of a chunk that began after
-    ``step`` steps, if any."""
-    bad = _first_nonfinite(metrics, param_layers(model))
-    if bad is not None:
-        j, what, layers = bad
-        kinds = None if isinstance(model, MLP) else [layer.kind for layer in model.layers]
-        raise NonFiniteError(
-            step + j + 1, epoch, what, layers, float(metrics["loss"][j]), saver.last,
-            saver.folder is not None, kinds,
-        )  # fmt: skip
-
-
-def _first_nonfinite(metrics: dict, with_params: list[int]) -> tuple[int, str, list[int]] | None:
-    """``(index in chunk, what, layers)`` of the first step whose loss, gradient or updated
-    params are non-finite (``what``: ``"gradient"``, ``"params"`` or ``"loss"``; ``layers``
-    1-based, the flags' entry ``k`` being about layer ``with_params[k] + 1``), or ``None``."""
-    grads, params = metrics["grads_finite"], metrics["params_finite"]
-    ok = np.isfinite(metrics["loss"]) & grads.all(axis=1) & params.all(axis=1)
-    if ok.all():
-        return None
-    j = int(np.argmin(ok))
-    for what, flags in (("gradient", grads[j]), ("params", params[j])):
-        if not flags.all():
-            return j, what, [with_params[int(k)] + 1 for k in np.flatnonzero(~flags)]
-    return j, "loss", []
+    ``step`` steps, if any: read from its ``"full"`` metrics, which ``rerun()`` computes (a
+    replay from the chunk's start) when the chunk itself computed less and one of its losses,
+    or its end state (``metrics["end_finite"]``), is non-finite."""
+    end_ok = bool(metrics.pop("end_finite"))
+    loss_ok = np.isfinite(metrics["loss"])
+    if "grads_finite" not in metrics and loss_ok.all() and end_ok:
+        return
+    full = metrics if "grads_finite" in metrics else rerun()
+    bad = _guard.first_nonfinite(full, param_layers(model))
+    if bad is None and loss_ok.all() and end_ok:
+        return
+    if bad is None:  # the replay found nothing (it should not): report what the chunk saw
+        j = len(loss_ok) - 1 if loss_ok.all() else int(np.argmin(loss_ok))
+        bad = (j, "loss" if not loss_ok[j] else "end", [])
+    j, what, layers = bad
+    kinds = None if isinstance(model, MLP) else [layer.kind for layer in model.layers]
+    raise NonFiniteError(  # the loss the run itself saw (the replay's may round otherwise)
+        step + j + 1, epoch, what, layers, float(metrics["loss"][j]), saver.last,
+        saver.folder is not None, kinds,
+    )  # fmt: skip
 
 
 # Evaluation and the epoch records.
@@ -1303,15 +1278,14 @@ def _add_chunk(partial: dict, metrics: dict) -> dict:
     """The epoch's running sums after one more chunk (float64, host, in step order), over the
     steps that were not skipped (and the chunk's instrument records appended)."""
     taken = ~metrics["skipped"] if "skipped" in metrics else np.ones(len(metrics["loss"]), bool)
+    norms = metrics.get("grad_norms", np.zeros((len(taken), 0)))  # none with metrics="loss"
     out = {
         "steps": partial["steps"] + int(np.sum(taken)),
         "loss_sum": partial["loss_sum"] + float(np.sum(metrics["loss"][taken], dtype=np.float64)),
         "grad_norm_sums": [
             s + float(v)
             for s, v in zip(
-                partial["grad_norm_sums"],
-                np.sum(metrics["grad_norms"][taken], 0, dtype=np.float64),
-                strict=True,
+                partial["grad_norm_sums"], np.sum(norms[taken], 0, dtype=np.float64), strict=True
             )
         ],
         "skipped": partial["skipped"] + int(np.sum(~taken)),
@@ -1334,6 +1308,8 @@ def _epoch_record(epoch, step, partial, on_nonfinite, seconds) -> dict:
         "grad_norms": [s / n for s in partial["grad_norm_sums"]],
         "seconds": round(seconds, 3),
     }
+    if not record["grad_norms"]:  # metrics="loss"
+        del record["grad_norms"]
     if on_nonfinite == "skip":
         record["skipped_steps"] = partial["skipped"]
     if "clipped_sum" in partial:
