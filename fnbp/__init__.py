@@ -88,6 +88,7 @@ __all__ = [
     "grad_cam",
     "gradcheck",
     "gradient_stats",
+    "guard",
     "from_flax",
     "init_params",
     "init_population",

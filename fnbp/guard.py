@@ -62,8 +62,8 @@ def finite(tree) -> Array:
 
 
 def grad_norms(model, grads, with_weights: list[int]) -> Array:
-    """``(len(with_weights),)``: ‖∂L/∂W‖_F of each layer with weights (a residual block's all
-    together), in at least float32."""
+    """``(len(with_weights),)``: ‖∂L/∂W‖_F of each layer with weights (a residual block's
+    all together), in at least float32."""
     return jnp.stack([_weight_grad_norm(model.layers[i], grads[i]) for i in with_weights])
 
 
@@ -176,8 +176,10 @@ class NonFiniteError(FloatingPointError):
         elif what == "optimizer state":
             what = f"the optimizer state (outside any layer) is non-finite, loss {loss:g}"
         elif what == "end":
-            what = ("the params, model state or optimizer state at the end of its chunk are "
-                    f"non-finite (a replay of the chunk did not pin the step), loss {loss:g}")
+            what = (
+                "the params, model state or optimizer state at the end of its chunk are "
+                f"non-finite (a replay of the chunk did not pin the step), loss {loss:g}"
+            )
         else:
             what = f"the loss is {loss:g} (gradients, params and optimizer state finite)"
         if checkpoint:

@@ -15,10 +15,10 @@ Gradients come from the hand-written :func:`fnbp.backprop` (``grads="manual"``) 
 ``jax.value_and_grad(fnbp.loss)`` (``grads="autodiff"``); the optimizer is any optax
 ``GradientTransformation``. What each step reports is chosen by ``metrics=``
 (:mod:`fnbp.guard`): ``"loss"`` (a scalar; the default of :func:`make_train_step`),
-``"norms"`` (also ``grad_norms``, the Frobenius norm ‖∂L/∂W‖ of each layer's weight gradient,
-one per layer with weights: :func:`weight_layers`; the default of the epochs and :func:`fit`)
-or ``"full"`` (also per-layer finiteness flags of the gradient, the updated params and the
-optimizer state, one per layer with params: :func:`param_layers`).
+``"norms"`` (also ``grad_norms``, the Frobenius norm ‖∂L/∂W‖ of each layer's weight
+gradient, one per layer with weights: :func:`weight_layers`; the default of the epochs and
+:func:`fit`) or ``"full"`` (also per-layer finiteness flags of the gradient, the updated
+params and the optimizer state, one per layer with params: :func:`param_layers`).
 
 :func:`fit` also checkpoints and resumes (:mod:`fnbp.checkpoint`), guards against divergence
 (a non-finite loss, gradient, update or optimizer state stops the run with
@@ -44,9 +44,9 @@ import optax
 
 from fnbp import checkpoint as ckpt
 from fnbp import guard as _guard
-from fnbp.guard import NonFiniteError
 from fnbp.backprop import _backward, check_independent
 from fnbp.data import _check_batch_size, epoch_indices
+from fnbp.guard import NonFiniteError
 from fnbp.initializers import InitScheme, init_params
 from fnbp.instruments import privacy as _privacy
 from fnbp.instruments import training as _instr
@@ -238,7 +238,7 @@ def _step_fn(model, optimizer, grads, l2, compute_dtype=None, skip_nonfinite=Fal
             out_metrics.update(flags if metrics == "full" else {})
         if dp is not None:
             out_metrics["dp_clipped"] = clipped
-        if skip_nonfinite:  # keep the old state unless the loss, grads, params, opt state are finite
+        if skip_nonfinite:  # keep the old state unless loss, grads, params, opt state are finite
             ok = _guard.step_ok(loss, flags)
             new_params, new_state, new_opt_state = jax.tree.map(
                 lambda new, old: jnp.where(ok, new, old),
@@ -317,9 +317,9 @@ def make_train_step(
         :func:`weight_layers`); with ``"full"`` also ``grads_finite``, ``params_finite`` (one
         per layer with params, :func:`param_layers`; of the updated params) and
         ``opt_state_finite`` (one more: the leaves tied to no layer; see
-        :func:`fnbp.guard.opt_state_flags`). With ``dp_clip`` an MLP's step is ``step(params, opt_state, key,
-        x, y)``. Shapes are checked when the step is traced (once per input
-        shape), not on every call. Inputs laid out over several devices
+        :func:`fnbp.guard.opt_state_flags`). With ``dp_clip`` an MLP's step is
+        ``step(params, opt_state, key, x, y)``. Shapes are checked when the step is traced (once
+        per input shape), not on every call. Inputs laid out over several devices
         (``jax.device_put(x, NamedSharding(mesh, P("data")))``, params replicated) run
         data-parallel as they are: XLA splits the batch and all-reduces the gradient sums
         (BatchNorm statistics are then those of the global batch).
@@ -521,11 +521,11 @@ def make_population_epoch(
     _check_batch_size(batch_size)
     compute_dtype = check_compute_dtype(compute_dtype)
     dp = _check_dp(model, grads, compute_dtype, dp_clip, dp_noise, instruments)
-    epoch = jax.vmap(
-        _epoch_fn(model, optimizer, batch_size, grads, l2, compute_dtype, instruments, dp,
-                  _guard.check_metrics(metrics)),
-        in_axes=(0, 0, 0, 0, None, None),
+    metrics = _guard.check_metrics(metrics)
+    one = _epoch_fn(
+        model, optimizer, batch_size, grads, l2, compute_dtype, instruments, dp, metrics
     )
+    epoch = jax.vmap(one, in_axes=(0, 0, 0, 0, None, None))
     first = lambda tree: jax.tree.map(lambda v: v[0], tree)  # noqa: E731
 
     if isinstance(model, MLP):
@@ -987,7 +987,10 @@ def _chunk(run, replay, model, key, x, y, on_nonfinite, saver, relu, at: _Progre
     params, state, opt_state, metrics = run(at.params, at.state, at.opt_state, *args)
     metrics = jax.device_get(metrics)
     if on_nonfinite == "stop":
-        rerun = lambda: jax.device_get(replay()(at.params, at.state, at.opt_state, *args)[3])  # noqa: E731
+
+        def rerun():  # the same steps from the chunk's start, with per-step flags
+            return jax.device_get(replay()(at.params, at.state, at.opt_state, *args)[3])
+
         _check_chunk(metrics, rerun, model, at.step, epoch, saver)
     if "instruments" in metrics:
         metrics["instrument_records"] = _instr.records(

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import chex
 import jax
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +62,8 @@ def test_bench_quick_writes_every_section_with_positive_numbers(tmp_path):
         assert _positive(s["ceiling_fraction"]) and _positive(s["compile_s"]), s
     for r in result["ratios"]:
         assert _positive(r["ratio"]) and _positive(r["cpu_ratio"])
+        f = r["vs_flax"]  # the hand-written step against Flax's, paired per round
+        assert f["paired_iqr"][0] <= f["ratio"] <= f["paired_iqr"][1] and _positive(f["cpu_ratio"])
         assert _positive(r["manual_peak_bytes"]) and _positive(r["autodiff_peak_bytes"])
 
     net_rows = [s for s in result["net_steps"] if s.get("median_ms") is not None]
@@ -78,12 +81,30 @@ def test_bench_quick_writes_every_section_with_positive_numbers(tmp_path):
         cnn = "CNN" in r["net"]  # convolutions in both programs, none in the residual MLP's
         for hlo in (r["manual_hlo"], r["autodiff_hlo"]):
             assert (hlo["convolution"] > 0) == cnn and hlo["fusion"] > 0, r
+        assert (
+            r["vs_flax"]["paired_iqr"][0] <= r["vs_flax"]["ratio"] <= r["vs_flax"]["paired_iqr"][1]
+        )
 
     sweep = result["sweep"]
-    for method in ("python_loop", "scan_epoch", "vmap_population_scan"):
+    for method in (
+        "python_loop",
+        "scan_epoch",
+        "vmap_population_scan",
+        "vmap_population_plain_sgd",
+    ):
         assert _positive(sweep[method]["model_steps_per_s"]), method
     assert _positive(sweep["speedup_population_over_loop"])
     assert _positive(sweep["max_speedup_over_loop"])
+    chex.assert_trees_all_close(  # the fraction is the ratio of the two speedups
+        sweep["floor_fraction"],
+        sweep["speedup_population_over_loop"] / sweep["max_speedup_over_loop"],
+        rtol=1e-12,
+    )
+    assert list(sweep["us_per_model_step"]) == [
+        "matmuls alone",
+        "population, plain SGD",
+        "population",
+    ]
 
     for r in result["per_example"]:
         assert _positive(r["manual"]["samples_per_s"]) and _positive(r["speedup_manual"])

@@ -1,6 +1,5 @@
 """fnbp.guard: the per-layer finiteness flags, the first non-finite step, the error's message."""
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np

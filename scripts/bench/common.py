@@ -103,6 +103,14 @@ def paired_cpu(cpu: dict, numerator: str, denominator: str) -> dict:
     return {"cpu_ratio": got["ratio"], "cpu_paired_iqr": got["paired_iqr"]}
 
 
+def vs_flax(times: dict, cpu: dict) -> dict:
+    """:func:`paired` and :func:`paired_cpu` of the hand-written step over the Flax + Optax
+    peer's, timed in the same rounds."""
+    return paired(times["fnbp manual"], times["flax + optax"]) | paired_cpu(
+        cpu, "fnbp manual", "flax + optax"
+    )
+
+
 def paired(numerator: list[float], denominator: list[float]) -> dict:
     """The ratio of two runners timed in the same rounds: the median of the per-round ratios
     (robust to other processes slowing the machine between rounds), the ratio of the two

@@ -26,7 +26,16 @@ import jax.numpy as jnp
 import optax
 
 import fnbp
-from bench.common import LR, MOMENTUM, interleaved, jax_runner, log, paired, paired_cpu
+from bench.common import (
+    LR,
+    MOMENTUM,
+    interleaved,
+    jax_runner,
+    log,
+    paired,
+    paired_cpu,
+    vs_flax,
+)
 from fnbp import presets
 from fnbp.layers import Conv, Dense, Flatten, MaxPool, Reshape
 
@@ -154,6 +163,7 @@ def net_step_section(args) -> tuple[list[dict], list[dict]]:
             | paired_cpu(cpu, "fnbp manual", "fnbp autodiff")
             | {"manual_peak_bytes": m["peak_bytes"], "autodiff_peak_bytes": a["peak_bytes"]}
             | {"manual_hlo": m["hlo"], "autodiff_hlo": a["hlo"]}
+            | ({"vs_flax": vs_flax(times, cpu)} if "flax + optax" in times else {})
         )
         log(f"  manual/autodiff {ratios[-1]['ratio']:.3f} (per-round IQR "
             f"{ratios[-1]['paired_iqr'][0]:.3f}–{ratios[-1]['paired_iqr'][1]:.3f})")  # fmt: skip

@@ -100,6 +100,25 @@ def _train_steps(result) -> list[str]:
             ],
         ),  # fmt: skip
         "",
+        *_vs_flax(result["ratios"], lambda r: f"{r['config']} b{r['batch']} {r['dtype']}"),
+    ]
+
+
+def _vs_flax(ratios, label) -> list[str]:
+    """The hand-written step against the Flax + Optax peer, paired per round."""
+    rows = [[label(r), f"{r['vs_flax']['ratio']:.3f}", f"{r['vs_flax']['ratio_of_medians']:.3f}",
+             _iqr(r["vs_flax"]), _cpu(r["vs_flax"])]
+            for r in ratios if "vs_flax" in r]  # fmt: skip
+    if not rows:
+        return []
+    return [
+        "fnbp's hand-written step over the Flax + Optax step, paired per round the same way "
+        "(both report only the loss):",
+        "",
+        markdown_table(
+            ["case", "manual/Flax", "ratio of medians", "per-round IQR", "CPU time (IQR)"], rows
+        ),  # fmt: skip
+        "",
     ]
 
 
@@ -154,6 +173,7 @@ def _net_steps(result) -> list[str]:
             ],
         ),  # fmt: skip
         "",
+        *_vs_flax(result["net_ratios"], lambda r: f"{r['net']} b{r['batch']} {r['dtype']}"),
     ]
 
 
@@ -166,15 +186,30 @@ def _sweep(result) -> list[str]:
             ["method", "seconds", "model-steps/s"],
             [
                 [k, f"{sw[k]['seconds']:.3f}", f"{sw[k]['model_steps_per_s']:.0f}"]
-                for k in ("python_loop", "scan_epoch", "vmap_population_scan")
+                for k in (
+                    "python_loop",
+                    "scan_epoch",
+                    "vmap_population_scan",
+                    "vmap_population_plain_sgd",
+                )
+                if k in sw
             ],
         ),  # fmt: skip
         "",
-        f"vmapped population + scan: {sw['speedup_population_over_loop']:.1f}× the Python loop. "
+        f"vmapped population + scan: {sw['speedup_population_over_loop']:.1f}× the Python loop "
+        "(every form reports the loss alone). "
         f"The population's matmuls alone (forward, Σδaᵀ, Wᵀδ of all {sw['models']} models, "
         f"vmapped, nothing else) take {sw['matmul_floor_us_per_model_step']:.1f} µs per "
         f"model-step ({1e3 * sw['matmul_floor_tflops']:.0f} GFLOP/s), so no program that "
-        f"does them can beat the loop by more than {sw['max_speedup_over_loop']:.1f}× here.",
+        f"does them can beat the loop by more than {sw['max_speedup_over_loop']:.1f}× here"
+        + (
+            f"; the population reaches {100 * sw['floor_fraction']:.0f}% of that. Where a "
+            "model-step's time goes (µs): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in sw["us_per_model_step"].items())
+            + " (plain SGD: the same program without the momentum buffer's pass)."
+            if "floor_fraction" in sw
+            else "."
+        ),
         "",
     ]
 

@@ -22,6 +22,7 @@ from bench.common import (
     mlp_case,
     paired,
     paired_cpu,
+    vs_flax,
     weights,
 )
 
@@ -71,7 +72,8 @@ def make_flax(sizes, batch, dtype):
 
 def train_step_section(cases, torch_results, args, ceilings) -> tuple[list[dict], list[dict]]:
     """``(rows, ratios)``: a row per case and implementation, and the manual/autodiff ratio of
-    each case (:func:`bench.common.paired`, with both steps' peak memory).
+    each case (:func:`bench.common.paired`, with both steps' peak memory) with the manual/Flax
+    one (``vs_flax``: :func:`bench.common.vs_flax`).
 
     JAX implementations are timed here, interleaved with each other; PyTorch's come from
     :func:`bench.torch_peer.torch_worker` (its own process: with torch loaded, its OpenMP
@@ -122,6 +124,7 @@ def train_step_section(cases, torch_results, args, ceilings) -> tuple[list[dict]
             | {
                 "manual_peak_bytes": peak["fnbp manual"],
                 "autodiff_peak_bytes": peak["fnbp autodiff"],
+                "vs_flax": vs_flax(times, cpu),
             }
         )
         del runners
