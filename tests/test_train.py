@@ -1041,3 +1041,21 @@ def test_a_nets_data_parallel_fit_on_4_devices_matches_one_device():
         rtol=1e-4, atol=1e-5,
     )  # fmt: skip
     assert out["4"]["loss"] == pytest.approx(out["1"]["loss"], rel=1e-5)
+
+
+def test_the_guard_reports_the_chunks_end_when_its_replay_finds_no_bad_step():
+    # a replay that computes otherwise than the run (it should not) must not hide a failure
+    ok = np.ones((3, 2), bool)
+    full = {"loss": np.ones(3), "grads_finite": ok, "params_finite": ok,
+            "opt_state_finite": np.ones((3, 3), bool)}  # fmt: skip
+    saver = train._Saver(None, 1, DIGITS_MODEL, None, None, {}, [])
+    lean = {"loss": np.ones(3), "end_finite": np.asarray(False)}
+    with pytest.raises(train.NonFiniteError, match="at the end of its chunk") as e:
+        train._check_chunk(lean, lambda: full, DIGITS_MODEL, 10, 1, saver)
+    assert (e.value.step, e.value.what) == (13, "end")
+    lean = {"loss": np.array([1.0, np.nan, 1.0]), "end_finite": np.asarray(True)}
+    with pytest.raises(train.NonFiniteError, match="step 12 .*the loss is nan") as e:
+        train._check_chunk(lean, lambda: full, DIGITS_MODEL, 10, 1, saver)
+    # nothing non-finite anywhere: no replay at all
+    train._check_chunk({"loss": np.ones(3), "end_finite": np.asarray(True)}, None, DIGITS_MODEL,
+                       10, 1, saver)  # fmt: skip
