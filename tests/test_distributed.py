@@ -1,0 +1,371 @@
+"""Tests for fnbp/distributed.py and training across processes: the settings (arguments, then
+the environment), the CLI's options, and real runs of two processes on the loopback address,
+each with two forced CPU devices (jax's CPU collectives: gloo), against one process with four.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import chex
+import numpy as np
+import pytest
+
+from fnbp import distributed
+from fnbp.cli import main
+from fnbp.distributed import Launch, resolve
+
+# ----------------------------------------------------------------------------------------------
+# resolve: where the settings come from, and what it refuses
+
+
+def test_resolve_without_any_setting_is_a_single_process():
+    assert resolve(environ={}) is None
+    assert resolve(environ={"JAX_NUM_PROCESSES": " "}) is None  # blank: not given
+
+
+def test_resolve_reads_the_environment_and_arguments_win_over_it():
+    env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
+           "JAX_PROCESS_ID": "3"}  # fmt: skip
+    assert resolve(environ=env) == Launch("10.0.0.1:1234", 4, 3, None)
+    assert resolve("[::1]:99", 2, 1, environ=env) == Launch("[::1]:99", 2, 1, None)
+    assert resolve(process_id=0, environ=env) == Launch("10.0.0.1:1234", 4, 0, None)
+
+
+def test_resolve_with_a_cluster_leaves_what_is_not_given_to_jaxs_detection():
+    assert resolve(cluster="slurm", environ={}) == Launch(None, None, None, "slurm")
+    assert resolve(num_processes=8, cluster="auto", environ={}) == Launch(None, 8, None, "auto")
+
+
+@pytest.mark.parametrize(
+    "kwargs, env, match",
+    [
+        ({"coordinator": "localhost"}, {}, "coordinator must be HOST:PORT .*got 'localhost'"),
+        ({"coordinator": "host:0"}, {}, "coordinator must be HOST:PORT .*got 'host:0'"),
+        ({"coordinator": "host:65536"}, {}, "coordinator must be HOST:PORT"),
+        ({}, {"JAX_COORDINATOR_ADDRESS": ":1234"}, "JAX_COORDINATOR_ADDRESS must be HOST:PORT"),
+        ({"num_processes": 0}, {}, "num_processes must be an int ≥ 1 .*got 0"),
+        ({"num_processes": 2.0}, {}, "num_processes must be an int ≥ 1 .*got 2.0"),
+        ({}, {"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES must be an int ≥ 1 .*got 'two'"),
+        ({"process_id": -1}, {}, "process_id must be an int ≥ 0 .*got -1"),
+        ({"process_id": True}, {}, "process_id must be an int ≥ 0 .*got True"),
+        ({"coordinator": "h:1", "num_processes": 2, "process_id": 2}, {},
+         r"process_id must be 0 to 1 \(one index per process, num_processes 2\), got 2"),
+        ({"num_processes": 2}, {"JAX_PROCESS_ID": "5"}, "JAX_PROCESS_ID must be 0 to 1"),
+        ({"coordinator": "h:1"}, {}, r"missing: num_processes \(or JAX_NUM_PROCESSES\), "
+         r"process_id \(or JAX_PROCESS_ID\); or pass cluster"),
+        ({"cluster": "pbs"}, {}, "cluster must be one of .*got 'pbs'"),
+    ],
+)  # fmt: skip
+def test_resolve_refuses_bad_settings_naming_where_they_came_from(kwargs, env, match):
+    with pytest.raises(ValueError, match=match):
+        resolve(**kwargs, environ=env)
+
+
+def test_initialize_does_nothing_without_settings(monkeypatch):
+    for var in distributed.ENV_VARS.values():
+        monkeypatch.delenv(var, raising=False)
+    assert distributed.initialize() is False
+    assert distributed.is_main()
+    assert distributed.gathered([3, 4]).tolist() == [[3, 4]]
+    distributed.barrier("nothing to wait for")
+
+
+# ----------------------------------------------------------------------------------------------
+# the CLI's options: refused before anything is written or joined
+
+
+@pytest.fixture
+def no_join(monkeypatch, tmp_path):
+    """No JAX_* settings from outside, an empty current folder, and no real join: these
+    commands must fail before jax.distributed.initialize, which would wait for peers."""
+    for var in distributed.ENV_VARS.values():
+        monkeypatch.delenv(var, raising=False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("jax.distributed.initialize must not be reached")
+
+    monkeypatch.setattr(distributed, "initialize", refuse)
+    monkeypatch.chdir(tmp_path)
+    return monkeypatch
+
+
+JOINED = ["--coordinator", "127.0.0.1:1234", "--num-processes", "2"]
+
+
+@pytest.mark.parametrize(
+    "args, env, match",
+    [
+        ([*JOINED, "--process-id", "2", "--out", "run"], {},
+         r"--process-id must be 0 to 1 \(one index per process, --num-processes 2\), got 2"),
+        (["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0",
+          "--out", "run"], {}, "--coordinator must be HOST:PORT"),
+        (["--num-processes", "2", "--process-id", "0", "--out", "run"], {},
+         r"missing: --coordinator \(or JAX_COORDINATOR_ADDRESS\)"),
+        (["--out", "run"], {"JAX_NUM_PROCESSES": "zero"},
+         "JAX_NUM_PROCESSES must be an int ≥ 1 .*got 'zero'"),
+        ([*JOINED, "--process-id", "0"], {}, "several processes write one run folder: give --out"),
+    ],
+    ids=["id-too-big", "no-port", "no-coordinator", "env-count", "no-out"],
+)  # fmt: skip
+def test_train_bad_process_options_exit_2_with_one_line_and_write_nothing(
+    no_join, tmp_path, capsys, args, env, match
+):
+    for var, value in env.items():
+        no_join.setenv(var, value)
+    rc = main(["train", "--epochs", "1", "--no-progress", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("fnbp: error:"), err
+    assert re.search(match, err[0]), err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--num-processes", "0"], "--num-processes: must be > 0"),
+        (["--process-id", "one"], "--process-id: invalid int value: 'one'"),
+        (["--cluster", "pbs"], "--cluster: invalid choice: 'pbs'"),
+    ],
+)
+def test_train_bad_process_arguments_exit_2_via_argparse(no_join, capsys, args, match):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--no-progress", "--out", "run", *args])
+    assert e.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# two processes on 127.0.0.1, each with 2 forced CPU devices, against one process with 4
+
+# `fnbp train` across two processes: 5 epochs of 22 steps, a checkpoint every 11.
+CLI = ["train", "--sizes", "64,32,10", "--epochs", "5", "--batch-size", "64",
+       "--checkpoint-every", "11", "--no-progress"]  # fmt: skip
+
+# Each process runs this: `fnbp train` with the arguments argv[2], then with argv[3] (if any),
+# in this process. JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID make it one
+# of two (the CLI reads them too); without them it is a single process. It records what fit
+# returned here and which checkpoints this process wrote itself, and, one of several, what fit
+# must refuse.
+_RUN = r"""
+import contextlib, io, json, sys
+from fnbp import distributed
+several = distributed.initialize(timeout=120)
+import jax, numpy as np, optax
+import fnbp
+from fnbp import checkpoint, data, train
+from fnbp.cli import main
+root, commands = sys.argv[1], [json.loads(a) for a in sys.argv[2:]]
+out = {"processes": jax.process_count(), "devices": jax.device_count(), "saves": [],
+       "commands": [], "errors": {}}
+save, fit = checkpoint.save_checkpoint, train.fit
+checkpoint.save_checkpoint = lambda path, c: out["saves"].append(path.name) or save(path, c)
+def spy(*args, **kwargs):
+    result = fit(*args, **kwargs)
+    out["params"] = [{k: np.asarray(v).tolist() for k, v in layer.items()} for layer in result[0]]
+    out["history"] = result[-1]
+    return result
+train.fit = spy
+for argv in commands:
+    with contextlib.redirect_stdout(io.StringIO()) as printed, \
+         contextlib.redirect_stderr(io.StringIO()) as said:
+        rc = main(argv)
+    out["commands"].append({"rc": rc, "stdout": printed.getvalue(), "stderr": said.getvalue()})
+def error(name, f):
+    try:
+        f()
+    except ValueError as e:
+        out["errors"][name] = str(e)
+if several:
+    ds = data.load_digits(seed=0)
+    model = fnbp.MLP((64, 32, 10), "relu", "softmax_cross_entropy")
+    args = (model, optax.sgd(0.1), fnbp.init_params(jax.random.key(1), model, "he_normal"),
+            ds.x_train, ds.y_train)
+    common = dict(key=jax.random.key(0), epochs=1, batch_size=64, progress=False)
+    error("no-mesh", lambda: fit(*args, **common))
+    process_0 = [d for d in jax.devices() if d.process_index == 0]
+    error("mesh-of-process-0", lambda: fit(*args, **common, mesh=fnbp.data_mesh(process_0)))
+    error("3-devices", lambda: fnbp.data_mesh(3))
+    own = f"{root}/run/checkpoints" if jax.process_index() == 0 else f"{root}/elsewhere"
+    error("folders", lambda: fit(*args, **common, mesh=fnbp.data_mesh(), checkpoint_dir=own,
+                                 resume=True))
+with open(f"{root}/process-{jax.process_index()}.json", "w") as f:
+    json.dump(out, f)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int, **extra) -> dict:
+    """This environment without settings of jax.distributed or a cluster, on CPU, with
+    ``devices`` forced CPU devices."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in distributed.ENV_VARS.values() and not k.startswith(("SLURM_", "OMPI_"))}  # fmt: skip
+    return {**env, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **extra}  # fmt: skip
+
+
+def _start(commands: list[tuple[list[str], dict]], logs: Path) -> list[subprocess.Popen]:
+    """Start each ``(argv, env)``, its output into ``logs/<i>.log``."""
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i, (argv, env) in enumerate(commands):
+        with open(logs / f"{i}.log", "w") as log:
+            procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))  # fmt: skip
+    return procs
+
+
+def _finish(procs, logs: Path, timeout: float = 240) -> None:
+    """Wait for every process; all must exit 0 (their logs in the message otherwise)."""
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    failed = [i for i, p in enumerate(procs) if p.returncode != 0]
+    assert not failed, "\n".join((logs / f"{i}.log").read_text()[-3000:] for i in failed)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """``(two, one, root of two, root of one)``: what each of two processes (2 devices each)
+    recorded of their `fnbp train` (run folder ``<root>/run``), and what one process with 4
+    devices recorded of the same command with ``--devices 4`` and, after it, of a ``--resume``
+    of the two's run."""
+    two, one = tmp_path_factory.mktemp("two"), tmp_path_factory.mktemp("one")
+    port = _free_port()
+    command = json.dumps([*CLI, "--out", str(two / "run")])
+    pair = _start(
+        [([sys.executable, "-c", _RUN, str(two), command],
+          _env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(i))) for i in range(2)],
+        two / "logs",
+    )  # fmt: skip
+    _finish(pair, two / "logs")
+    commands = [json.dumps([*CLI, "--devices", "4", "--out", str(one / "run")]),
+                json.dumps(["train", "--resume", str(two / "run"), "--no-progress"])]  # fmt: skip
+    _finish(_start([([sys.executable, "-c", _RUN, str(one), *commands], _env(4))], one / "logs"),
+            one / "logs")  # fmt: skip
+    read = lambda root, i: json.loads((root / f"process-{i}.json").read_text())  # noqa: E731
+    return [read(two, 0), read(two, 1)], read(one, 0), two, one
+
+
+def _results(run: Path) -> tuple[dict, list]:
+    """The params.npz and the metrics.jsonl records (less their seconds) of a run folder."""
+    with np.load(run / "params.npz", allow_pickle=False) as f:
+        params = {k: f[k] for k in f.files}
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return params, [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def test_two_processes_of_two_devices_train_as_one_process_of_four(runs):
+    (first, _), one, two_root, one_root = runs
+    assert (first["processes"], first["devices"], one["processes"], one["devices"]) == (2, 4, 1, 4)
+    assert first["commands"][0]["rc"] == one["commands"][0]["rc"] == 0
+    (two_params, two_records), (one_params, one_records) = (
+        _results(two_root / "run"), _results(one_root / "run"))  # fmt: skip
+    steps = [22, 44, 66, 88, 110]
+    assert [r["step"] for r in two_records] == [r["step"] for r in one_records] == steps
+    # float32 rounding: the four devices' gradient sums are all-reduced in another order (gloo
+    # between the processes, XLA within each) than in one process; five epochs of momentum SGD
+    # keep that near 1e-7 relative (1e-6 atol for entries near 0)
+    chex.assert_trees_all_close(two_params, one_params, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(two_records, one_records, rtol=1e-5, atol=1e-6)
+    assert one_records[-1]["test_accuracy"] > 0.9  # it learned: the comparison means something
+    config = json.loads((two_root / "run" / "config.json").read_text())
+    assert (config["devices"], config["processes"], config["device_count"]) == ("all", 2, 4)
+
+
+def test_every_process_gets_the_same_params_and_history_and_process_0_alone_writes(runs):
+    (first, second), _, _, _ = runs
+    assert first["params"] == second["params"]  # bit for bit
+    clockless = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert clockless(first["history"]) == clockless(second["history"])  # each its own clock
+    assert [c["stdout"] for c in first["commands"]] == [c["stdout"] for c in second["commands"]]
+    assert first["commands"][0]["stdout"].startswith("final test accuracy: ")
+    assert first["saves"] == [f"ckpt-{s:09d}.npz" for s in range(11, 111, 11)]
+    assert second["saves"] == []
+
+
+def test_fit_across_processes_refuses_what_would_leave_a_process_out_in_every_process(runs):
+    (first, second), _, _, _ = runs
+    errors = first["errors"]
+    assert errors.keys() == {"no-mesh", "mesh-of-process-0", "3-devices", "folders"}
+    assert "jax runs 2 processes (jax.distributed), so fit needs a mesh" in errors["no-mesh"]
+    assert "holds none of process 1" in errors["mesh-of-process-0"]
+    assert "devices must be a multiple of the 2 processes" in errors["3-devices"]
+    assert ("the processes find different checkpoints (process 0: 2 (newest step 110), process 1:"
+            " 0 (newest step -1))") in errors["folders"]  # fmt: skip
+    # each raised it alike, so none waits for the other (the folders' naming its own folder)
+    same = lambda errors: {k: v.split(": ", 1)[-1] for k, v in errors.items()}  # noqa: E731
+    assert same(first["errors"]) == same(second["errors"])
+
+
+def test_resume_refuses_a_run_of_another_process_layout(runs):
+    _, one, _, _ = runs
+    refused = one["commands"][1]
+    assert refused["rc"] == 2
+    assert ("ckpt-000000110.npz: the checkpoint was written by 2 processes with 4 devices in all, "
+            "this run has 1 process with 4 devices in all; resume with the same layout"
+            ) in refused["stderr"]  # fmt: skip
+
+
+def _cli_pair(root: Path, *argv: str, logs: str) -> list[subprocess.Popen]:
+    port = _free_port()
+    return _start(
+        [([sys.executable, "-m", "fnbp.cli", *argv, "--coordinator", f"127.0.0.1:{port}",
+           "--num-processes", "2", "--process-id", str(i)], _env(2)) for i in range(2)],
+        root / logs,
+    )  # fmt: skip
+
+
+def test_kill_9_of_one_process_then_resume_of_both_ends_bitwise_equal(tmp_path, runs):
+    from fnbp.checkpoint import latest_checkpoint, verify_checkpoint
+
+    out = tmp_path / "run"
+    procs = _cli_pair(tmp_path, *CLI, "--out", str(out), logs="killed")
+    deadline = time.monotonic() + 180
+    newest = None
+    while newest is None or newest.name < "ckpt-000000022.npz":  # epoch 1 done, 88 steps to go
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.02)
+        newest = latest_checkpoint(out / "checkpoints")
+    procs[1].kill()  # SIGKILL: no handler runs
+    procs[1].wait()
+    # Process 0 is left waiting in the next all-reduce; jax aborts it once the coordination
+    # service misses process 1's heartbeats (~100 s): the job's end, as a scheduler kills it.
+    procs[0].kill()
+    procs[0].wait()
+    assert [p.returncode for p in procs] == [-signal.SIGKILL, -signal.SIGKILL]
+    assert not (out / "params.npz").exists()  # it did not finish
+    kept = sorted((out / "checkpoints").glob("ckpt-*.npz"))
+    assert kept[-1].name >= newest.name
+    for path in kept:
+        verify_checkpoint(path)  # whole: written atomically by process 0
+    resumed = _cli_pair(tmp_path, "train", "--resume", str(out), "--no-progress", logs="resumed")
+    _finish(resumed, tmp_path / "resumed")
+    for i in range(2):
+        log = (tmp_path / "resumed" / f"{i}.log").read_text()
+        assert f"resuming {out} from {kept[-1].name}" in log
+    (params, records), (want_params, want_records) = _results(out), _results(runs[2] / "run")
+    assert params.keys() == want_params.keys()
+    for k in params:
+        np.testing.assert_array_equal(params[k], want_params[k], err_msg=k)  # bit for bit
+    assert records == want_records
+    assert not list((out / "checkpoints").glob(".*"))  # no temporary file left behind
