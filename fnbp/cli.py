@@ -793,9 +793,13 @@ def _run_training(args, argv, stop: _StopOnSignal) -> int:
     except Interrupted as e:
         report()
         signum = stop.signum or signal.SIGINT
+        why = signal.Signals(signum).name
+        if stop.signum is None and processes > 1:  # they all stop when one is asked to
+            why = "another process was signalled"
+        every = " in every process, with its process options" if processes > 1 else ""
         print(
-            f"fnbp: {signal.Signals(signum).name}: stopped after step {e.step}; checkpoint "
-            f"{e.checkpoint}; continue with: fnbp train --resume {out}",
+            f"fnbp: {why}: stopped after step {e.step}; checkpoint {e.checkpoint}; continue "
+            f"with: fnbp train --resume {out}{every}",
             file=sys.stderr,
         )
         return 128 + signum

@@ -37,6 +37,7 @@ aborted the same way once the coordination service notices.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -52,6 +53,15 @@ ENV_VARS = {
 # jax 0.10.2's cluster_detection_method names for CPU and GPU clusters; "auto": jax's default
 # order (Open MPI, Slurm, Cloud TPU, Kubernetes; mpi4py only when asked for by name).
 CLUSTERS = ("auto", "slurm", "ompi", "mpi4py")
+# The variables jax 0.10.2 detects each of those clusters by (all of them must be set; it reads
+# the process count and index from the last ones). Asked for by name and absent, jax logs an
+# error and then fails on a KeyError, so resolve() checks them first.
+CLUSTER_VARS = {
+    "slurm": ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+              "SLURM_LOCALID"),
+    "ompi": ("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK",
+             "OMPI_COMM_WORLD_LOCAL_RANK"),
+}  # fmt: skip
 
 
 class Launch(NamedTuple):
@@ -90,13 +100,14 @@ def resolve(
     Raises:
         ValueError: naming the argument or environment variable, what was expected and what
             came: a coordinator that is not ``HOST:PORT`` with a port 1 … 65535, a count that
-            is not an int ≥ 1, an index outside ``0 … N−1``, an unknown cluster, or, without
+            is not an int ≥ 1, an index outside ``0 … N−1``, an unknown cluster or one whose
+            variables (:data:`CLUSTER_VARS`; for mpi4py the package) are missing, or, without
             a cluster, a setting that neither the arguments nor the environment give.
     """
     environ = os.environ if environ is None else environ
     names = {**{k: k for k in (*ENV_VARS, "cluster")}, **(names or {})}
-    if cluster is not None and cluster not in CLUSTERS:
-        raise ValueError(f"{names['cluster']} must be one of {CLUSTERS}, got {cluster!r}")
+    if cluster is not None:
+        _check_cluster(cluster, environ, names["cluster"])
     given = {}  # setting: (value, where it came from)
     for field, value in (("coordinator", coordinator), ("num_processes", num_processes),
                          ("process_id", process_id)):  # fmt: skip
@@ -128,6 +139,22 @@ def resolve(
             "Open MPI)"
         )
     return Launch(**values, cluster=cluster)
+
+
+def _check_cluster(cluster: str, environ: Mapping[str, str], name: str) -> None:
+    """A ValueError unless ``cluster`` is one of :data:`CLUSTERS` that jax can detect here."""
+    if cluster not in CLUSTERS:
+        raise ValueError(f"{name} must be one of {CLUSTERS}, got {cluster!r}")
+    unset = [v for v in CLUSTER_VARS.get(cluster, ()) if v not in environ]
+    if unset:
+        raise ValueError(
+            f"{name} {cluster}: jax detects such a job by {', '.join(CLUSTER_VARS[cluster])}, "
+            f"but {', '.join(unset)} {'is' if len(unset) == 1 else 'are'} not set (start every "
+            f"process with {'srun' if cluster == 'slurm' else 'mpirun'}), or give the "
+            "coordinator, the number of processes and this process's index instead"
+        )
+    if cluster == "mpi4py" and importlib.util.find_spec("mpi4py") is None:
+        raise ValueError(f"{name} mpi4py needs the mpi4py package (pip install mpi4py)")
 
 
 def _address(value, source: str) -> str:

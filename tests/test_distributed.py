@@ -38,8 +38,12 @@ def test_resolve_reads_the_environment_and_arguments_win_over_it():
     assert resolve(process_id=0, environ=env) == Launch("10.0.0.1:1234", 4, 0, None)
 
 
+SLURM = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[01-04]", "SLURM_NTASKS": "4",
+         "SLURM_PROCID": "2", "SLURM_LOCALID": "0"}  # fmt: skip
+
+
 def test_resolve_with_a_cluster_leaves_what_is_not_given_to_jaxs_detection():
-    assert resolve(cluster="slurm", environ={}) == Launch(None, None, None, "slurm")
+    assert resolve(cluster="slurm", environ=SLURM) == Launch(None, None, None, "slurm")
     assert resolve(num_processes=8, cluster="auto", environ={}) == Launch(None, 8, None, "auto")
 
 
@@ -61,6 +65,10 @@ def test_resolve_with_a_cluster_leaves_what_is_not_given_to_jaxs_detection():
         ({"coordinator": "h:1"}, {}, r"missing: num_processes \(or JAX_NUM_PROCESSES\), "
          r"process_id \(or JAX_PROCESS_ID\); or pass cluster"),
         ({"cluster": "pbs"}, {}, "cluster must be one of .*got 'pbs'"),
+        ({"cluster": "slurm"}, {k: v for k, v in SLURM.items() if k != "SLURM_PROCID"},
+         "cluster slurm: jax detects such a job by SLURM_JOB_ID, .*but SLURM_PROCID is not set "
+         r"\(start every process with srun\)"),
+        ({"cluster": "ompi"}, {}, "cluster ompi: .*but OMPI_MCA_orte_hnp_uri, .* are not set"),
     ],
 )  # fmt: skip
 def test_resolve_refuses_bad_settings_naming_where_they_came_from(kwargs, env, match):
@@ -196,6 +204,11 @@ if several:
     own = f"{root}/run/checkpoints" if jax.process_index() == 0 else f"{root}/elsewhere"
     error("folders", lambda: fit(*args, **common, mesh=fnbp.data_mesh(), checkpoint_dir=own,
                                  resume=True))
+    try:  # process 1 alone asks to stop, after the first chunk of 11 steps
+        fit(*args, **common, mesh=fnbp.data_mesh(), checkpoint_dir=f"{root}/stopped",
+            checkpoint_every=11, should_stop=lambda: jax.process_index() == 1)
+    except train.Interrupted as e:
+        out["stopped"] = [e.step, e.checkpoint.name]
 with open(f"{root}/process-{jax.process_index()}.json", "w") as f:
     json.dump(out, f)
 """
@@ -246,8 +259,7 @@ def _finish(procs, logs: Path, timeout: float = 240) -> None:
 def runs(tmp_path_factory):
     """``(two, one, root of two, root of one)``: what each of two processes (2 devices each)
     recorded of their `fnbp train` (run folder ``<root>/run``), and what one process with 4
-    devices recorded of the same command with ``--devices 4`` and, after it, of a ``--resume``
-    of the two's run."""
+    devices, run beside them, recorded of the same command with ``--devices 4``."""
     two, one = tmp_path_factory.mktemp("two"), tmp_path_factory.mktemp("one")
     port = _free_port()
     command = json.dumps([*CLI, "--out", str(two / "run")])
@@ -257,11 +269,10 @@ def runs(tmp_path_factory):
                JAX_PROCESS_ID=str(i))) for i in range(2)],
         two / "logs",
     )  # fmt: skip
+    command = json.dumps([*CLI, "--devices", "4", "--out", str(one / "run")])
+    single = _start([([sys.executable, "-c", _RUN, str(one), command], _env(4))], one / "logs")
     _finish(pair, two / "logs")
-    commands = [json.dumps([*CLI, "--devices", "4", "--out", str(one / "run")]),
-                json.dumps(["train", "--resume", str(two / "run"), "--no-progress"])]  # fmt: skip
-    _finish(_start([([sys.executable, "-c", _RUN, str(one), *commands], _env(4))], one / "logs"),
-            one / "logs")  # fmt: skip
+    _finish(single, one / "logs")
     read = lambda root, i: json.loads((root / f"process-{i}.json").read_text())  # noqa: E731
     return [read(two, 0), read(two, 1)], read(one, 0), two, one
 
@@ -297,9 +308,11 @@ def test_every_process_gets_the_same_params_and_history_and_process_0_alone_writ
     assert first["params"] == second["params"]  # bit for bit
     clockless = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
     assert clockless(first["history"]) == clockless(second["history"])  # each its own clock
-    assert [c["stdout"] for c in first["commands"]] == [c["stdout"] for c in second["commands"]]
+    printed = lambda p: [re.sub(r"[\d.]+ s\)", "s)", c["stdout"]) for c in p["commands"]]  # noqa: E731
+    assert printed(first) == printed(second)  # the same summary, less each one's clock
     assert first["commands"][0]["stdout"].startswith("final test accuracy: ")
-    assert first["saves"] == [f"ckpt-{s:09d}.npz" for s in range(11, 111, 11)]
+    # fnbp train's ten checkpoints, then the one of the run that should_stop ends (below)
+    assert first["saves"] == [f"ckpt-{s:09d}.npz" for s in (*range(11, 111, 11), 11)]
     assert second["saves"] == []
 
 
@@ -317,25 +330,41 @@ def test_fit_across_processes_refuses_what_would_leave_a_process_out_in_every_pr
     assert same(first["errors"]) == same(second["errors"])
 
 
-def test_resume_refuses_a_run_of_another_process_layout(runs):
-    _, one, _, _ = runs
-    refused = one["commands"][1]
-    assert refused["rc"] == 2
+def test_should_stop_in_one_process_stops_every_process_at_the_same_chunk(runs):
+    (first, second), _, _, _ = runs
+    assert first["stopped"] == second["stopped"] == [11, "ckpt-000000011.npz"]
+
+
+def test_resume_refuses_a_run_of_another_process_layout_and_changes_nothing(runs, no_join, capsys):
+    run = runs[2] / "run"
+    before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    rc = main(["train", "--resume", str(run), "--no-progress"])  # here: one process, one device
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("fnbp: error:"), err
     assert ("ckpt-000000110.npz: the checkpoint was written by 2 processes with 4 devices in all, "
-            "this run has 1 process with 4 devices in all; resume with the same layout"
-            ) in refused["stderr"]  # fmt: skip
+            "this run has 1 process with 1 device in all; resume with the same layout") in err[-1]  # fmt: skip
+    assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
-def _cli_pair(root: Path, *argv: str, logs: str) -> list[subprocess.Popen]:
+def _cli_pair(root: Path, *argv: str, logs: str, slurm: bool = False) -> list[subprocess.Popen]:
+    """`python -m fnbp.cli *argv` in two processes joined by the process options, or with
+    ``slurm`` by ``--cluster slurm`` and the variables srun would set for two tasks on one node
+    (jax reads the coordinator from the node list, the port from JAX_COORDINATOR_PORT)."""
     port = _free_port()
+    joins = [(["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
+               str(i)], {}) for i in range(2)]  # fmt: skip
+    if slurm:
+        srun = {"SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": "2",
+                "JAX_COORDINATOR_PORT": str(port)}  # fmt: skip
+        joins = [(["--cluster", "slurm"], {**srun, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)})
+                 for i in range(2)]  # fmt: skip
     return _start(
-        [([sys.executable, "-m", "fnbp.cli", *argv, "--coordinator", f"127.0.0.1:{port}",
-           "--num-processes", "2", "--process-id", str(i)], _env(2)) for i in range(2)],
+        [([sys.executable, "-m", "fnbp.cli", *argv, *join], _env(2, **env)) for join, env in joins],
         root / logs,
-    )  # fmt: skip
+    )
 
 
-def test_kill_9_of_one_process_then_resume_of_both_ends_bitwise_equal(tmp_path, runs):
+def test_kill_9_of_one_process_then_resume_of_both_under_slurm_ends_bitwise_equal(tmp_path, runs):
     from fnbp.checkpoint import latest_checkpoint, verify_checkpoint
 
     out = tmp_path / "run"
@@ -358,7 +387,9 @@ def test_kill_9_of_one_process_then_resume_of_both_ends_bitwise_equal(tmp_path, 
     assert kept[-1].name >= newest.name
     for path in kept:
         verify_checkpoint(path)  # whole: written atomically by process 0
-    resumed = _cli_pair(tmp_path, "train", "--resume", str(out), "--no-progress", logs="resumed")
+    # resumed as under srun: --cluster slurm, what jax detects from its variables
+    resumed = _cli_pair(tmp_path, "train", "--resume", str(out), "--no-progress", logs="resumed",
+                        slurm=True)  # fmt: skip
     _finish(resumed, tmp_path / "resumed")
     for i in range(2):
         log = (tmp_path / "resumed" / f"{i}.log").read_text()
