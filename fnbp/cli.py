@@ -609,8 +609,10 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _train(args, argv) -> int:
+    # Join first: jax's preemption notifier takes SIGTERM when it starts, the handlers take it back
+    processes = _join(args)
     with _StopOnSignal() as stop:
-        return _run_training(args, argv, stop)
+        return _run_training(args, argv, stop, processes)
 
 
 def _join(args) -> int:
@@ -644,7 +646,7 @@ def _join(args) -> int:
     return jax.process_count()
 
 
-def _run_training(args, argv, stop: _StopOnSignal) -> int:
+def _run_training(args, argv, stop: _StopOnSignal, processes: int = 1) -> int:
     import jax
     import optax
 
@@ -656,7 +658,6 @@ def _run_training(args, argv, stop: _StopOnSignal) -> int:
     from fnbp.report import check_out, environment, save_json
     from fnbp.train import Interrupted, NonFiniteError, data_mesh, fit
 
-    processes = _join(args)
     resume = args.resume is not None
     if resume:
         out, args = _resumed(args, argv)

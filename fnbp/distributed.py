@@ -29,6 +29,10 @@ Slurm and Open MPI, jax also restricts each process to one GPU, its local rank.
 
 Nothing is initialized when none of these is given: a single process, as before.
 
+jax's preemption service (``jax_enable_preemption_service``, on by default) installs its own
+SIGTERM handler when it starts, in C++ and unseen by Python's ``signal.getsignal``: a handler
+for SIGTERM must be installed after :func:`initialize` (``fnbp train`` does so).
+
 What jax does on failure, measured with jax 0.10.2 on CPU: a process that cannot register
 with the coordinator within the timeout is aborted (SIGABRT, exit code 134, ``DEADLINE_EXCEEDED
 … RegisterTask`` on stderr), not given a Python exception; a process whose peer dies is

@@ -6,6 +6,7 @@ each with two forced CPU devices (jax's CPU collectives: gloo), against one proc
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -153,45 +154,56 @@ def test_train_bad_process_arguments_exit_2_via_argparse(no_join, capsys, args, 
 # ----------------------------------------------------------------------------------------------
 # two processes on 127.0.0.1, each with 2 forced CPU devices, against one process with 4
 
-# `fnbp train` across two processes: 5 epochs of 22 steps, a checkpoint every 11.
-CLI = ["train", "--sizes", "64,32,10", "--epochs", "5", "--batch-size", "64",
-       "--checkpoint-every", "11", "--no-progress"]  # fmt: skip
+# `fnbp train` across two processes: 5 epochs of 14 steps (1437 // 96), a checkpoint every 7.
+CLI = ["train", "--sizes", "64,32,10", "--epochs", "5", "--batch-size", "96",
+       "--checkpoint-every", "7", "--no-progress"]  # fmt: skip
 
-# Each process runs this: `fnbp train` with the arguments argv[2], then with argv[3] (if any),
-# in this process. JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID make it one
-# of two (the CLI reads them too); without them it is a single process. It records what fit
-# returned here and which checkpoints this process wrote itself, and, one of several, what fit
-# must refuse.
+# Each process runs this: `fnbp train` once per command in argv[2:] (JSON: {"argv": [...],
+# "sigterm": P}), in this process, which the first command joins to the others:
+# JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID make it one of two (without
+# them it is a single process). With "sigterm": P, process P sends itself a SIGTERM once that
+# run has its first checkpoint. It records what fit returned (its last finished call), which
+# checkpoints this process wrote itself, what each command printed and, one of several, what
+# fit must refuse.
 _RUN = r"""
-import contextlib, io, json, sys
-from fnbp import distributed
-several = distributed.initialize(timeout=120)
-import jax, numpy as np, optax
-import fnbp
-from fnbp import checkpoint, data, train
+import contextlib, io, json, os, signal, sys, threading, time
+import numpy as np
+from fnbp import checkpoint, train
 from fnbp.cli import main
 root, commands = sys.argv[1], [json.loads(a) for a in sys.argv[2:]]
-out = {"processes": jax.process_count(), "devices": jax.device_count(), "saves": [],
-       "commands": [], "errors": {}}
-save, fit = checkpoint.save_checkpoint, train.fit
-checkpoint.save_checkpoint = lambda path, c: out["saves"].append(path.name) or save(path, c)
+out = {"commands": [], "errors": {}}
+save, fit, saves = checkpoint.save_checkpoint, train.fit, []
+checkpoint.save_checkpoint = lambda path, c: saves.append(path.name) or save(path, c)
 def spy(*args, **kwargs):
     result = fit(*args, **kwargs)
     out["params"] = [{k: np.asarray(v).tolist() for k, v in layer.items()} for layer in result[0]]
     out["history"] = result[-1]
     return result
 train.fit = spy
-for argv in commands:
+def sigterm_at_first_checkpoint(run):
+    while checkpoint.latest_checkpoint(f"{run}/checkpoints") is None:
+        time.sleep(0.02)
+    os.kill(os.getpid(), signal.SIGTERM)
+for command in commands:
+    if command.get("sigterm") == int(os.environ.get("JAX_PROCESS_ID", "0")):
+        run = command["argv"][command["argv"].index("--out") + 1]
+        threading.Thread(target=sigterm_at_first_checkpoint, args=(run,), daemon=True).start()
+    saves.clear()
     with contextlib.redirect_stdout(io.StringIO()) as printed, \
          contextlib.redirect_stderr(io.StringIO()) as said:
-        rc = main(argv)
-    out["commands"].append({"rc": rc, "stdout": printed.getvalue(), "stderr": said.getvalue()})
+        rc = main(command["argv"])
+    out["commands"].append({"rc": rc, "stdout": printed.getvalue(), "stderr": said.getvalue(),
+                            "saves": list(saves)})
+import jax, optax
+import fnbp
+from fnbp import data
+out.update(processes=jax.process_count(), devices=jax.device_count())
 def error(name, f):
     try:
         f()
     except ValueError as e:
         out["errors"][name] = str(e)
-if several:
+if jax.process_count() > 1:
     ds = data.load_digits(seed=0)
     model = fnbp.MLP((64, 32, 10), "relu", "softmax_cross_entropy")
     args = (model, optax.sgd(0.1), fnbp.init_params(jax.random.key(1), model, "he_normal"),
@@ -204,11 +216,6 @@ if several:
     own = f"{root}/run/checkpoints" if jax.process_index() == 0 else f"{root}/elsewhere"
     error("folders", lambda: fit(*args, **common, mesh=fnbp.data_mesh(), checkpoint_dir=own,
                                  resume=True))
-    try:  # process 1 alone asks to stop, after the first chunk of 11 steps
-        fit(*args, **common, mesh=fnbp.data_mesh(), checkpoint_dir=f"{root}/stopped",
-            checkpoint_every=11, should_stop=lambda: jax.process_index() == 1)
-    except train.Interrupted as e:
-        out["stopped"] = [e.step, e.checkpoint.name]
 with open(f"{root}/process-{jax.process_index()}.json", "w") as f:
     json.dump(out, f)
 """
@@ -258,18 +265,20 @@ def _finish(procs, logs: Path, timeout: float = 240) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """``(two, one, root of two, root of one)``: what each of two processes (2 devices each)
-    recorded of their `fnbp train` (run folder ``<root>/run``), and what one process with 4
-    devices, run beside them, recorded of the same command with ``--devices 4``."""
+    recorded of their `fnbp train` (run folder ``<root>/run``) and of the same command that
+    process 1 stops by a SIGTERM (``<root>/stopped``), and what one process with 4 devices, run
+    beside them, recorded of the first command with ``--devices 4``."""
     two, one = tmp_path_factory.mktemp("two"), tmp_path_factory.mktemp("one")
     port = _free_port()
-    command = json.dumps([*CLI, "--out", str(two / "run")])
+    commands = [json.dumps({"argv": [*CLI, "--out", str(two / "run")]}),
+                json.dumps({"argv": [*CLI, "--out", str(two / "stopped")], "sigterm": 1})]  # fmt: skip
     pair = _start(
-        [([sys.executable, "-c", _RUN, str(two), command],
+        [([sys.executable, "-c", _RUN, str(two), *commands],
           _env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                JAX_PROCESS_ID=str(i))) for i in range(2)],
         two / "logs",
     )  # fmt: skip
-    command = json.dumps([*CLI, "--devices", "4", "--out", str(one / "run")])
+    command = json.dumps({"argv": [*CLI, "--devices", "4", "--out", str(one / "run")]})
     single = _start([([sys.executable, "-c", _RUN, str(one), command], _env(4))], one / "logs")
     _finish(pair, two / "logs")
     _finish(single, one / "logs")
@@ -291,7 +300,7 @@ def test_two_processes_of_two_devices_train_as_one_process_of_four(runs):
     assert first["commands"][0]["rc"] == one["commands"][0]["rc"] == 0
     (two_params, two_records), (one_params, one_records) = (
         _results(two_root / "run"), _results(one_root / "run"))  # fmt: skip
-    steps = [22, 44, 66, 88, 110]
+    steps = [14, 28, 42, 56, 70]
     assert [r["step"] for r in two_records] == [r["step"] for r in one_records] == steps
     # float32 rounding: the four devices' gradient sums are all-reduced in another order (gloo
     # between the processes, XLA within each) than in one process; five epochs of momentum SGD
@@ -308,12 +317,24 @@ def test_every_process_gets_the_same_params_and_history_and_process_0_alone_writ
     assert first["params"] == second["params"]  # bit for bit
     clockless = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
     assert clockless(first["history"]) == clockless(second["history"])  # each its own clock
-    printed = lambda p: [re.sub(r"[\d.]+ s\)", "s)", c["stdout"]) for c in p["commands"]]  # noqa: E731
-    assert printed(first) == printed(second)  # the same summary, less each one's clock
-    assert first["commands"][0]["stdout"].startswith("final test accuracy: ")
-    # fnbp train's ten checkpoints, then the one of the run that should_stop ends (below)
-    assert first["saves"] == [f"ckpt-{s:09d}.npz" for s in (*range(11, 111, 11), 11)]
-    assert second["saves"] == []
+    printed = re.sub(r"[\d.]+ s\)", "s)", first["commands"][0]["stdout"])
+    assert printed == re.sub(r"[\d.]+ s\)", "s)", second["commands"][0]["stdout"])
+    assert printed.startswith("final test accuracy: ")
+    assert first["commands"][0]["saves"] == [f"ckpt-{s:09d}.npz" for s in range(7, 71, 7)]
+    assert second["commands"][0]["saves"] == []
+
+
+def test_sigterm_to_one_process_stops_every_process_at_the_same_chunk(runs):
+    (first, second), _, root, _ = runs
+    stopped = first["commands"][1], second["commands"][1]
+    assert [c["rc"] for c in stopped] == [130, 143]  # process 1 got the SIGTERM
+    said = [c["stderr"].strip().splitlines()[-1] for c in stopped]
+    step = int(re.search(r"stopped after step (\d+);", said[1])[1])
+    assert said[0].startswith(f"fnbp: another process was signalled: stopped after step {step};")
+    assert said[1].startswith(f"fnbp: SIGTERM: stopped after step {step};")
+    again = f"fnbp train --resume {root / 'stopped'} in every process, with its process options"
+    assert said[0].endswith(again) and said[1].endswith(again)
+    assert stopped[0]["saves"][-1] == f"ckpt-{step:09d}.npz" and stopped[1]["saves"] == []
 
 
 def test_fit_across_processes_refuses_what_would_leave_a_process_out_in_every_process(runs):
@@ -323,16 +344,11 @@ def test_fit_across_processes_refuses_what_would_leave_a_process_out_in_every_pr
     assert "jax runs 2 processes (jax.distributed), so fit needs a mesh" in errors["no-mesh"]
     assert "holds none of process 1" in errors["mesh-of-process-0"]
     assert "devices must be a multiple of the 2 processes" in errors["3-devices"]
-    assert ("the processes find different checkpoints (process 0: 2 (newest step 110), process 1:"
+    assert ("the processes find different checkpoints (process 0: 2 (newest step 70), process 1:"
             " 0 (newest step -1))") in errors["folders"]  # fmt: skip
     # each raised it alike, so none waits for the other (the folders' naming its own folder)
     same = lambda errors: {k: v.split(": ", 1)[-1] for k, v in errors.items()}  # noqa: E731
     assert same(first["errors"]) == same(second["errors"])
-
-
-def test_should_stop_in_one_process_stops_every_process_at_the_same_chunk(runs):
-    (first, second), _, _, _ = runs
-    assert first["stopped"] == second["stopped"] == [11, "ckpt-000000011.npz"]
 
 
 def test_resume_refuses_a_run_of_another_process_layout_and_changes_nothing(runs, no_join, capsys):
@@ -341,7 +357,7 @@ def test_resume_refuses_a_run_of_another_process_layout_and_changes_nothing(runs
     rc = main(["train", "--resume", str(run), "--no-progress"])  # here: one process, one device
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("fnbp: error:"), err
-    assert ("ckpt-000000110.npz: the checkpoint was written by 2 processes with 4 devices in all, "
+    assert ("ckpt-000000070.npz: the checkpoint was written by 2 processes with 4 devices in all, "
             "this run has 1 process with 1 device in all; resume with the same layout") in err[-1]  # fmt: skip
     assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
@@ -364,36 +380,45 @@ def _cli_pair(root: Path, *argv: str, logs: str, slurm: bool = False) -> list[su
     )
 
 
-def test_kill_9_of_one_process_then_resume_of_both_under_slurm_ends_bitwise_equal(tmp_path, runs):
-    from fnbp.checkpoint import latest_checkpoint, verify_checkpoint
+def _wait_for_checkpoint(procs, out: Path, step: int) -> Path:
+    """Poll until the run in ``out`` has a checkpoint of at least ``step`` steps (every
+    process still running); that checkpoint."""
+    from fnbp.checkpoint import latest_checkpoint
 
-    out = tmp_path / "run"
-    procs = _cli_pair(tmp_path, *CLI, "--out", str(out), logs="killed")
     deadline = time.monotonic() + 180
-    newest = None
-    while newest is None or newest.name < "ckpt-000000022.npz":  # epoch 1 done, 88 steps to go
+    while (newest := latest_checkpoint(out / "checkpoints")) is None or int(newest.stem[5:]) < step:
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
         time.sleep(0.02)
-        newest = latest_checkpoint(out / "checkpoints")
+    return newest
+
+
+def test_a_run_stopped_by_sigterm_then_kill_9_of_one_process_resumes_bitwise(tmp_path, runs):
+    from fnbp.checkpoint import verify_checkpoint
+
+    out = tmp_path / "run"
+    shutil.copytree(runs[2] / "stopped", out)  # stopped by a SIGTERM to process 1 (above)
+    step = int(sorted((out / "checkpoints").glob("ckpt-*.npz"))[-1].stem[5:])
+    logs = lambda name, i: (tmp_path / name / f"{i}.log").read_text()  # noqa: E731
+    # resumed, then a kill -9 of process 1 a chunk later
+    procs = _cli_pair(tmp_path, "train", "--resume", str(out), "--no-progress", logs="killed")
+    newest = _wait_for_checkpoint(procs, out, step + 7)
     procs[1].kill()  # SIGKILL: no handler runs
     procs[1].wait()
     # Process 0 is left waiting in the next all-reduce; jax aborts it once the coordination
     # service misses process 1's heartbeats (~100 s): the job's end, as a scheduler kills it.
     procs[0].kill()
-    procs[0].wait()
-    assert [p.returncode for p in procs] == [-signal.SIGKILL, -signal.SIGKILL]
+    assert [p.wait() for p in procs] == [-signal.SIGKILL, -signal.SIGKILL]
+    assert f"resuming {out} from ckpt-{step:09d}.npz" in logs("killed", 0)
     assert not (out / "params.npz").exists()  # it did not finish
     kept = sorted((out / "checkpoints").glob("ckpt-*.npz"))
     assert kept[-1].name >= newest.name
     for path in kept:
         verify_checkpoint(path)  # whole: written atomically by process 0
-    # resumed as under srun: --cluster slurm, what jax detects from its variables
+    # resumed again, as under srun (--cluster slurm: jax detects the rest from its variables)
     resumed = _cli_pair(tmp_path, "train", "--resume", str(out), "--no-progress", logs="resumed",
                         slurm=True)  # fmt: skip
     _finish(resumed, tmp_path / "resumed")
-    for i in range(2):
-        log = (tmp_path / "resumed" / f"{i}.log").read_text()
-        assert f"resuming {out} from {kept[-1].name}" in log
+    assert all(f"resuming {out} from {kept[-1].name}" in logs("resumed", i) for i in range(2))
     (params, records), (want_params, want_records) = _results(out), _results(runs[2] / "run")
     assert params.keys() == want_params.keys()
     for k in params:
