@@ -255,8 +255,9 @@ def _parser(raise_errors: bool = False) -> argparse.ArgumentParser:
         "processes: then N counts the devices of all of them)",
     )  # fmt: skip
     g = t.add_argument_group(
-        "several processes (jax.distributed): run the same command on every host, each with "
-        "its own --process-id; process 0 writes the run folder, which every process must see"
+        "several processes (jax.distributed)",
+        "run the same command in every process (one per host), each with its own --process-id; "
+        "process 0 writes the run folder (--out), which every process must see",
     )  # fmt: skip
     g.add_argument(
         "--coordinator", metavar="HOST:PORT",
