@@ -809,9 +809,9 @@ def _run_training(args, argv, stop: _StopOnSignal, processes: int = 1) -> int:
         report()  # the gradient flow up to the last finished epoch: what a diverged run needs
         raise
     records = [privacy.mark(r) for r in history]
-    _write_jsonl(metrics_path, records)
-    # a net's state beside its params; with --early-stopping, the best epoch's (fit restores them)
     if main:
+        _write_jsonl(metrics_path, records)
+        # params.npz: a net's state beside its params; with --early-stopping the best epoch's
         save_params(out / "params.npz", params, model, *state_out)
     report()
     print(_summary(history, args.early_stopping, args.epochs))

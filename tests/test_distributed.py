@@ -163,17 +163,22 @@ CLI = ["train", "--sizes", "64,32,10", "--epochs", "5", "--batch-size", "96",
 # JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID make it one of two (without
 # them it is a single process). With "sigterm": P, process P sends itself a SIGTERM once that
 # run has its first checkpoint. It records what fit returned (its last finished call), which
-# checkpoints this process wrote itself, what each command printed and, one of several, what
-# fit must refuse.
+# checkpoints and other files this process wrote itself (through fnbp's writers), what each
+# command printed and, one of several, what fit must refuse.
 _RUN = r"""
 import contextlib, io, json, os, signal, sys, threading, time
+from pathlib import Path
 import numpy as np
-from fnbp import checkpoint, train
+from fnbp import checkpoint, report, train
+from fnbp import io as fnbp_io
 from fnbp.cli import main
 root, commands = sys.argv[1], [json.loads(a) for a in sys.argv[2:]]
 out = {"commands": [], "errors": {}}
-save, fit, saves = checkpoint.save_checkpoint, train.fit, []
+save, fit, saves, written = checkpoint.save_checkpoint, train.fit, [], set()
 checkpoint.save_checkpoint = lambda path, c: saves.append(path.name) or save(path, c)
+atomic, save_json = fnbp_io._atomic_write_bytes, report.save_json
+fnbp_io._atomic_write_bytes = lambda path, b: written.add(Path(path).name) or atomic(path, b)
+report.save_json = lambda path, obj: written.add(Path(path).name) or save_json(path, obj)
 def spy(*args, **kwargs):
     result = fit(*args, **kwargs)
     out["params"] = [{k: np.asarray(v).tolist() for k, v in layer.items()} for layer in result[0]]
@@ -189,11 +194,12 @@ for command in commands:
         run = command["argv"][command["argv"].index("--out") + 1]
         threading.Thread(target=sigterm_at_first_checkpoint, args=(run,), daemon=True).start()
     saves.clear()
+    written.clear()
     with contextlib.redirect_stdout(io.StringIO()) as printed, \
          contextlib.redirect_stderr(io.StringIO()) as said:
         rc = main(command["argv"])
     out["commands"].append({"rc": rc, "stdout": printed.getvalue(), "stderr": said.getvalue(),
-                            "saves": list(saves)})
+                            "saves": list(saves), "written": sorted(written)})
 import jax, optax
 import fnbp
 from fnbp import data
@@ -321,7 +327,8 @@ def test_every_process_gets_the_same_params_and_history_and_process_0_alone_writ
     assert printed == re.sub(r"[\d.]+ s\)", "s)", second["commands"][0]["stdout"])
     assert printed.startswith("final test accuracy: ")
     assert first["commands"][0]["saves"] == [f"ckpt-{s:09d}.npz" for s in range(7, 71, 7)]
-    assert second["commands"][0]["saves"] == []
+    assert first["commands"][0]["written"] == ["config.json", "metrics.jsonl", "params.npz"]
+    assert second["commands"][0]["saves"] == second["commands"][0]["written"] == []
 
 
 def test_sigterm_to_one_process_stops_every_process_at_the_same_chunk(runs):
@@ -334,7 +341,9 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_chunk(runs):
     assert said[1].startswith(f"fnbp: SIGTERM: stopped after step {step};")
     again = f"fnbp train --resume {root / 'stopped'} in every process, with its process options"
     assert said[0].endswith(again) and said[1].endswith(again)
-    assert stopped[0]["saves"][-1] == f"ckpt-{step:09d}.npz" and stopped[1]["saves"] == []
+    assert stopped[0]["saves"][-1] == f"ckpt-{step:09d}.npz"
+    assert stopped[0]["written"] == ["config.json", "metrics.jsonl"]
+    assert stopped[1]["saves"] == stopped[1]["written"] == []
 
 
 def test_fit_across_processes_refuses_what_would_leave_a_process_out_in_every_process(runs):
