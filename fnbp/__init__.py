@@ -5,7 +5,18 @@ hand-written backward pass (:func:`backprop`) and by ``jax.grad`` (:func:`autodi
 and :func:`crosscheck` shows that they agree, with finite differences as a third witness.
 """
 
-from fnbp import checkpoint, data, diagnostics, engine, guard, instruments, layers, report, theory
+from fnbp import (
+    checkpoint,
+    data,
+    diagnostics,
+    distributed,
+    engine,
+    guard,
+    instruments,
+    layers,
+    report,
+    theory,
+)
 from fnbp.activations import ACTIVATIONS, Activation
 from fnbp.backprop import Backprop, backprop, per_example_grads
 from fnbp.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -81,6 +92,7 @@ __all__ = [
     "data",
     "data_mesh",
     "diagnostics",
+    "distributed",
     "dp_grads",
     "engine",
     "fit",

@@ -12,7 +12,10 @@ validation loss has not improved for PATIENCE epochs and saves the best epoch's 
 ``--instruments`` every K-th step also records per-layer statistics from its own backward pass
 (gradient flow, update sizes, per-example gradient-norm quantiles, the noise scale, dead ReLUs)
 into metrics.jsonl and plots them in report.md; with ``--dp-clip C --dp-noise σ`` it trains with
-DP-SGD and writes ε (privacy.json, metrics.jsonl, report.md).
+DP-SGD and writes ε (privacy.json, metrics.jsonl, report.md). With ``--coordinator HOST:PORT
+--num-processes N --process-id I`` (or ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
+``JAX_PROCESS_ID``, or ``--cluster slurm``) N processes, one command per host, train one model
+data parallel over all their devices (:mod:`fnbp.distributed`); process 0 writes the run folder.
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ NET_SETTINGS = ("net", "net_file", "arch", "depth", "width", "norm", "alpha", "d
 EXTRA_SETTINGS = ("instruments", "instruments_every", "dp_clip", "dp_noise", "dp_delta")
 DEFAULT_DP_DELTA = 1e-5
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# How several processes are joined: given to every command, never saved (a resumed run may get a
+# new coordinator port), so --resume takes them beside it.
+PROCESS_OPTIONS = ("coordinator", "num_processes", "process_id", "cluster")
 # The data `fnbp check --arch NAME` sizes a preset for: (features, outputs) of digits or mnist1d.
 CHECK_SIZES = {"cnn": (64, 10), "mnist1d_cnn": (40, 10), "resmlp": (64, 10)}
 CHECK_RESMLP = {"depth": 3, "width": 16}  # small enough for finite differences of every param
@@ -133,6 +139,7 @@ def _devices(text: str) -> int | str:
 
 def _parser(raise_errors: bool = False) -> argparse.ArgumentParser:
     from fnbp.activations import ACTIVATIONS
+    from fnbp.distributed import CLUSTERS
     from fnbp.initializers import SCHEMES
     from fnbp.losses import LOSSES
     from fnbp.presets import ARCHS, NORMS, RESMLP_DEPTH, RESMLP_WIDTH
@@ -243,8 +250,31 @@ def _parser(raise_errors: bool = False) -> argparse.ArgumentParser:
         "--early-stopping, else none)",
     )  # fmt: skip
     t.add_argument(
-        "--devices", type=_devices, default=1, metavar="N|all",
-        help="split each batch over N devices (data parallel; default 1)",
+        "--devices", type=_devices, metavar="N|all",
+        help="split each batch over N devices (data parallel; default 1, all with several "
+        "processes: then N counts the devices of all of them)",
+    )  # fmt: skip
+    g = t.add_argument_group(
+        "several processes (jax.distributed)",
+        "run the same command in every process (one per host), each with its own --process-id; "
+        "process 0 writes the run folder (--out), which every process must see",
+    )  # fmt: skip
+    g.add_argument(
+        "--coordinator", metavar="HOST:PORT",
+        help="process 0's address and a free port on it (default: $JAX_COORDINATOR_ADDRESS)",
+    )  # fmt: skip
+    g.add_argument(
+        "--num-processes", type=_positive(int), metavar="N",
+        help="how many processes train together (default: $JAX_NUM_PROCESSES)",
+    )  # fmt: skip
+    g.add_argument(
+        "--process-id", type=int, metavar="I",
+        help="this process's index, 0 to N-1 (default: $JAX_PROCESS_ID)",
+    )  # fmt: skip
+    g.add_argument(
+        "--cluster", choices=CLUSTERS,
+        help="let jax read what is not given from the cluster's environment (slurm: srun's "
+        "SLURM_* variables; ompi: mpirun's; mpi4py; auto: the first found)",
     )  # fmt: skip
     g = t.add_argument_group("instruments and private training")
     g.add_argument(
@@ -507,7 +537,8 @@ class _StopOnSignal:
 def _resumed(args, argv) -> tuple[Path, argparse.Namespace]:
     """The run folder of ``--resume`` and the arguments saved in its config.json, parsed (and
     so validated) exactly as they were given the first time."""
-    extra = sorted({t.split("=")[0] for t in argv if t.startswith("--")} - {"--resume", "--no-progress"})  # fmt: skip
+    kept = {"--resume", "--no-progress", *(f"--{k.replace('_', '-')}" for k in PROCESS_OPTIONS)}
+    extra = sorted({t.split("=")[0] for t in argv if t.startswith("--")} - kept)
     if extra:
         raise UsageError(
             f"--resume continues a run with the settings saved in its config.json; drop "
@@ -543,6 +574,8 @@ def _resumed(args, argv) -> tuple[Path, argparse.Namespace]:
     except UsageError as e:
         raise UsageError(f"{config_path}: {e}") from None
     resumed.resume, resumed.no_progress = args.resume, args.no_progress
+    for k in PROCESS_OPTIONS:
+        setattr(resumed, k, getattr(args, k))
     resumed.net_file, resumed.net_spec = saved["net_file"], None
     if saved["net"] is not None:
         from fnbp.net import Net
@@ -577,15 +610,49 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _train(args, argv) -> int:
+    # Join first: jax's preemption notifier takes SIGTERM when it starts, the handlers take it back
+    processes = _join(args)
     with _StopOnSignal() as stop:
-        return _run_training(args, argv, stop)
+        return _run_training(args, argv, stop, processes)
 
 
-def _run_training(args, argv, stop: _StopOnSignal) -> int:
+def _join(args) -> int:
+    """Join the other processes that ``--coordinator``, ``--num-processes``, ``--process-id``,
+    ``--cluster`` or their environment variables ask for (:func:`fnbp.distributed.initialize`),
+    before anything uses JAX; returns the number of processes (1: none asked for).
+
+    Raises:
+        UsageError: naming the option or variable, for a bad or missing setting, or several
+            processes without ``--out`` (or ``--resume``): each would pick its own default
+            folder.
+    """
+    import jax
+
+    from fnbp import distributed
+
+    names = {k: f"--{k.replace('_', '-')}" for k in PROCESS_OPTIONS}
+    given = [getattr(args, k) for k in PROCESS_OPTIONS[:3]]
+    try:
+        launch = distributed.resolve(*given, cluster=args.cluster, names=names)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if launch is None:
+        return 1
+    if args.resume is None and not args.out:
+        raise UsageError(
+            "several processes write one run folder: give --out FOLDER, the same on every "
+            "process and one that all of them see (a shared file system)"
+        )
+    distributed.initialize(*given, cluster=args.cluster)
+    return jax.process_count()
+
+
+def _run_training(args, argv, stop: _StopOnSignal, processes: int = 1) -> int:
     import jax
     import optax
 
     from fnbp import checkpoint
+    from fnbp.distributed import barrier, is_main
     from fnbp.initializers import init_params
     from fnbp.io import save_params
     from fnbp.model import MLP, init_state
@@ -597,6 +664,8 @@ def _run_training(args, argv, stop: _StopOnSignal) -> int:
         out, args = _resumed(args, argv)
     else:
         _check_net_options(args)
+    if args.devices is None:  # resolved, so config.json records it
+        args.devices = 1 if processes == 1 else "all"
     if args.arch is None and args.net_file is None:
         args.sizes = args.sizes or _sizes(DEFAULT_SIZES[args.dataset])
     regression = args.dataset == "teacher_student"
@@ -632,11 +701,12 @@ def _run_training(args, argv, stop: _StopOnSignal) -> int:
             f"--batch-size {args.batch_size} exceeds the {len(ds.x_train)} training examples{held}"
         )
     mesh = None
-    if args.devices != 1:
+    if args.devices != 1 or processes > 1:
         try:
             mesh = data_mesh(args.devices)
         except ValueError as e:
-            raise UsageError(f"--devices {args.devices}: {e}") from None
+            saved = f"{out / 'config.json'}: " if resume else ""
+            raise UsageError(f"{saved}--devices {args.devices}: {e}") from None
         if args.batch_size % mesh.size:
             raise UsageError(
                 f"--batch-size {args.batch_size} must be divisible by the {mesh.size} devices"
@@ -669,6 +739,8 @@ def _run_training(args, argv, stop: _StopOnSignal) -> int:
     settings.update(_net_settings(args, model))
     if args.data_dir:
         settings["data_dir"] = str(Path(args.data_dir).resolve())
+    main = is_main()  # with several processes, process 0 alone writes the run folder
+    barrier("fnbp train: checked")  # every process has checked --out before process 0 writes
     if resume:
         latest = checkpoint.latest_checkpoint(checkpoints)
         print(
@@ -677,7 +749,7 @@ def _run_training(args, argv, stop: _StopOnSignal) -> int:
             file=sys.stderr,
         )  # fmt: skip
         records = _read_jsonl(metrics_path)
-    else:  # arguments are good: only now is anything written
+    elif main:  # arguments are good: only now is anything written
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -686,17 +758,24 @@ def _run_training(args, argv, stop: _StopOnSignal) -> int:
             for old in checkpoint.list_checkpoints(checkpoints):
                 old.unlink()
             (out / "params.npz").unlink(missing_ok=True)
-        save_json(out / "config.json", {**settings, "out": str(out), **described, **environment()})
+        layout = {"processes": processes} if processes > 1 else {}
+        save_json(out / "config.json",
+                  {**settings, "out": str(out), **described, **layout, **environment()})  # fmt: skip
         records = []
         _write_jsonl(metrics_path, records)
+    else:
+        records = []
+    barrier("fnbp train: run folder")  # ... and the others read it only once it is written
 
     def log(record):
         nonlocal records  # a resumed run replaces the records its predecessor wrote past its checkpoint
         records = [r for r in records if r["epoch"] < record["epoch"]] + [privacy.mark(record)]
-        _write_jsonl(metrics_path, records)
+        if main:
+            _write_jsonl(metrics_path, records)
 
     def report():  # report.md (and privacy.json) from the epochs logged so far
-        _write_report(out, args, argv, model, records, privacy)
+        if main:
+            _write_report(out, args, argv, model, records, privacy)
 
     key = jax.random.key(args.seed)
     k_init, k_data = jax.random.split(key)
@@ -716,9 +795,13 @@ def _run_training(args, argv, stop: _StopOnSignal) -> int:
     except Interrupted as e:
         report()
         signum = stop.signum or signal.SIGINT
+        why = signal.Signals(signum).name
+        if stop.signum is None and processes > 1:  # they all stop when one is asked to
+            why = "another process was signalled"
+        every = " in every process, with its process options" if processes > 1 else ""
         print(
-            f"fnbp: {signal.Signals(signum).name}: stopped after step {e.step}; checkpoint "
-            f"{e.checkpoint}; continue with: fnbp train --resume {out}",
+            f"fnbp: {why}: stopped after step {e.step}; checkpoint {e.checkpoint}; continue "
+            f"with: fnbp train --resume {out}{every}",
             file=sys.stderr,
         )
         return 128 + signum
@@ -726,9 +809,10 @@ def _run_training(args, argv, stop: _StopOnSignal) -> int:
         report()  # the gradient flow up to the last finished epoch: what a diverged run needs
         raise
     records = [privacy.mark(r) for r in history]
-    _write_jsonl(metrics_path, records)
-    # a net's state beside its params; with --early-stopping, the best epoch's (fit restores them)
-    save_params(out / "params.npz", params, model, *state_out)
+    if main:
+        _write_jsonl(metrics_path, records)
+        # params.npz: a net's state beside its params; with --early-stopping the best epoch's
+        save_params(out / "params.npz", params, model, *state_out)
     report()
     print(_summary(history, args.early_stopping, args.epochs))
     if privacy.on:

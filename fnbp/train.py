@@ -24,7 +24,8 @@ params and the optimizer state, one per layer with params: :func:`param_layers`)
 (a non-finite loss, gradient, update or optimizer state stops the run with
 :class:`NonFiniteError`, or is skipped),
 stops cleanly when asked (:class:`Interrupted`), stops early when a validation loss stops
-improving (``early_stopping=``), and splits each batch over several devices (:func:`data_mesh`).
+improving (``early_stopping=``), and splits each batch over several devices (:func:`data_mesh`),
+those of several processes too (:mod:`fnbp.distributed`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import numpy as np
 import optax
 
 from fnbp import checkpoint as ckpt
+from fnbp import distributed
 from fnbp import guard as _guard
 from fnbp.backprop import _backward, check_independent
 from fnbp.data import _check_batch_size, epoch_indices
@@ -592,14 +594,15 @@ def data_mesh(devices: int | str | Sequence[jax.Device] | None = "all") -> jax.s
         devices: ``"all"`` (every device of the default backend), a count ``N`` (the first
             ``N``), or a sequence of devices.
 
-    On one host with several accelerators this is all there is to it. On several hosts, call
-    ``jax.distributed.initialize()`` first in every process (one per host); ``jax.devices()``
-    then lists the devices of all hosts, and the same program runs on each, every host feeding
-    the same global batch (fnbp's loaders are deterministic by seed). On CPU, test with
-    ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` set before JAX starts.
+    On one host with several accelerators this is all there is to it. With several processes
+    (one per host: :func:`fnbp.distributed.initialize` first, in every process),
+    ``jax.devices()`` lists the devices of all of them, ``"all"`` takes every one and a count
+    ``N`` the first ``N/P`` of each of the ``P`` processes: each takes part alike. On CPU, test
+    with ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` set before JAX starts.
 
     Raises:
-        ValueError: if ``N`` is not a positive int or exceeds the devices available.
+        ValueError: if ``N`` is not a positive int, exceeds the devices available, or (several
+            processes) is not a multiple of their number.
     """
     available = jax.devices()
     if devices == "all" or devices is None:
@@ -612,7 +615,7 @@ def data_mesh(devices: int | str | Sequence[jax.Device] | None = "all") -> jax.s
                 f"--xla_force_host_platform_device_count={max(int(devices), 2)} before JAX starts "
                 "for more"
             )
-        chosen = available[: int(devices)]
+        chosen = _of_each_process(available, int(devices))
     elif (
         isinstance(devices, Sequence)
         and devices
@@ -624,6 +627,49 @@ def data_mesh(devices: int | str | Sequence[jax.Device] | None = "all") -> jax.s
             f"devices must be 'all', a positive int or a list of devices, got {devices!r}"
         )
     return jax.sharding.Mesh(np.array(chosen), ("data",))
+
+
+def _of_each_process(available: list, n: int) -> list:
+    """The first ``n`` of the ``available`` devices; with ``P`` processes the first ``n/P`` of
+    each process's, in process order."""
+    p = jax.process_count()
+    if p == 1:
+        return available[:n]
+    if n % p:
+        raise ValueError(
+            f"devices must be a multiple of the {p} processes (each gives the mesh as many of "
+            f"its own devices), got {n}"
+        )
+    return [d for i in range(p) for d in [d for d in available if d.process_index == i][: n // p]]
+
+
+def _check_processes(mesh) -> int:
+    """The number of processes training together, ``jax.process_count()``; with more than one,
+    a ValueError unless ``mesh`` holds devices of each of them."""
+    p = jax.process_count()
+    if p == 1:
+        return 1
+    if mesh is None:
+        raise ValueError(
+            f"jax runs {p} processes (jax.distributed), so fit needs a mesh over their devices "
+            "(mesh=fnbp.data_mesh()) to train one model together, got mesh=None"
+        )
+    counts = np.bincount([d.process_index for d in mesh.devices.flat], minlength=p)
+    if not counts.all():
+        raise ValueError(
+            f"mesh must hold devices of each of the {p} processes (every one runs the steps), "
+            f"but it holds none of process {int(np.argmin(counts))}: use fnbp.data_mesh()"
+        )
+    return p
+
+
+def _together(should_stop):
+    """``should_stop`` asked in every process after each chunk: true everywhere when it is
+    in any one (a SIGTERM to one host stops them all at the same chunk); as given in a
+    single process."""
+    if should_stop is None or jax.process_count() == 1:
+        return should_stop
+    return lambda: bool(distributed.gathered(bool(should_stop())).any())
 
 
 class Interrupted(KeyboardInterrupt):
@@ -766,7 +812,17 @@ def fit(
         mesh: a :func:`data_mesh`: params, state and data are replicated over its devices and
             each batch is split over its ``"data"`` axis (``batch_size`` must be divisible by
             its size); gradients are all-reduced by XLA, BatchNorm statistics are those of the
-            global batch.
+            global batch. With several processes (:func:`fnbp.distributed.initialize`), every
+            process calls ``fit`` with the same arguments and a mesh holding devices of each
+            (``data_mesh()``): each process holds the whole training set (replicated on each
+            of its devices), each device gathers and computes only its rows of every global
+            batch, and only the gradient all-reduce crosses between processes. Process 0
+            alone writes the checkpoints (the others wait at a barrier after each one), so
+            ``checkpoint_dir`` must be a folder every process sees; all of them read it on
+            ``resume``, which refuses a checkpoint of another layout of processes and
+            devices. Every process returns the same params and history; ``should_stop`` is
+            asked in each, and stops them all when it is true in any; the progress bar shows
+            in process 0 only.
         should_stop: asked after every chunk; when it returns true the state is checkpointed
             and :class:`Interrupted` raised. A ``KeyboardInterrupt`` does the same with the
             state after the last completed chunk.
@@ -793,7 +849,9 @@ def fit(
             without ``x_val, y_val``; an ``x`` without its ``y`` or the other way round),
             empty data or data holding NaN or Inf or not fitting the model (naming the
             argument), a checkpoint folder in use, or a checkpoint that is corrupt or does not
-            fit (naming the file), before any training.
+            fit (naming the file; of another layout of processes and devices too), before any
+            training; with several processes, no ``mesh`` or one without devices of each, or
+            a ``checkpoint_dir`` in which the processes find different checkpoints.
     """
     from tqdm.auto import tqdm
 
@@ -805,6 +863,7 @@ def fit(
     dp = _check_dp(model, grads, compute_dtype, dp_clip, dp_noise, instruments)
     _guard.check_metrics(metrics)
     _check_early_stopping(early_stopping, restore_best, x_val, y_val)
+    processes = _check_processes(mesh)
     state = _initial_state(model, state, key)
     (x_train, y_train), test, val = _fit_data(
         model, params, (x_train, y_train), (x_test, y_test), (x_val, y_val)
@@ -825,6 +884,8 @@ def fit(
         settings.update(dp_clip=dp[0], dp_noise=dp[1])
     if metrics != "norms":
         settings["metrics"] = metrics
+    if processes > 1:  # likewise: a resume must run the same layout
+        settings["processes"] = processes
     folder, found = _open_folder(checkpoint_dir, resume)
     if found:
         at = _resume(found, optimizer, model, params, key, settings)
@@ -846,9 +907,9 @@ def fit(
     evaluate = functools.partial(_evaluate_all, model, {"test": test, "val": val}, l2,
                                  compute_dtype)  # fmt: skip
     bar = tqdm(total=epochs, initial=at.step // schedule.steps_per_epoch, desc="train",
-               unit="epoch", disable=not progress)  # fmt: skip
+               unit="epoch", disable=not progress or not distributed.is_main())  # fmt: skip
     try:
-        at = _loop(at, schedule, chunk, evaluate, saver, on_nonfinite, should_stop,
+        at = _loop(at, schedule, chunk, evaluate, saver, on_nonfinite, _together(should_stop),
                    functools.partial(_show, bar, on_epoch), early_stopping)  # fmt: skip
     finally:
         bar.close()
@@ -1138,15 +1199,32 @@ def _open_folder(checkpoint_dir, resume) -> tuple[Path | None, list[Path]]:
         return None, []
     folder = Path(checkpoint_dir)
     found = ckpt.list_checkpoints(folder)
+    _check_same_folder(folder, found)
     if found and not resume:
         raise ValueError(
             f"checkpoint_dir {folder} already holds checkpoints (newest {found[-1].name}); "
             "pass resume=True to continue that run, or use an empty folder"
         )
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".ckpt-*.tmp-*"):
-        stale.unlink(missing_ok=True)
+    if distributed.is_main():  # with several processes, process 0 alone writes there
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(".ckpt-*.tmp-*"):
+            stale.unlink(missing_ok=True)
+    distributed.barrier("fnbp.fit: checkpoint folder")
     return folder, found
+
+
+def _check_same_folder(folder: Path, found: list[Path]) -> None:
+    """With several processes, a ValueError (in every one) unless each finds the same
+    checkpoints: they must all see one folder, process 0's writes."""
+    newest = int(found[-1].stem[5:]) if found else -1
+    seen = distributed.gathered([len(found), newest])
+    if (seen != seen[0]).any():
+        each = ", ".join(f"process {i}: {n} (newest step {s})" for i, (n, s) in enumerate(seen))
+        raise ValueError(
+            f"checkpoint_dir {folder}: the processes find different checkpoints ({each}); give "
+            "a folder that every process sees (a shared file system): process 0 writes it, "
+            "all of them read it"
+        )
 
 
 class _Saver:
@@ -1171,12 +1249,14 @@ class _Saver:
                 loop["best"] = {"epoch": at.best.epoch, "val_loss": at.best.val_loss}
                 best = {"best_params": at.best.params, "best_state": at.best.state}
             epoch = at.step // self.settings["steps_per_epoch"]
-            ckpt.save_checkpoint(
-                path,
-                ckpt.Checkpoint(at.params, at.opt_state, at.step, epoch, self.key, self.model,
-                                self.config, loop, at.state, **best),
-            )  # fmt: skip
-            ckpt.prune_checkpoints(self.folder, self.keep)
+            if distributed.is_main():  # the others wait: the file is whole when they go on
+                ckpt.save_checkpoint(
+                    path,
+                    ckpt.Checkpoint(at.params, at.opt_state, at.step, epoch, self.key,
+                                    self.model, self.config, loop, at.state, **best),
+                )  # fmt: skip
+                ckpt.prune_checkpoints(self.folder, self.keep)
+            distributed.barrier(f"fnbp.fit: {path.name}")
             self.last = path
         return path
 
@@ -1190,6 +1270,7 @@ def _resume(found: list[Path], optimizer, model, params, key, settings) -> _Prog
         hint = f"; move it aside to resume from {found[-2].name} instead" if len(found) > 1 else ""
         raise ValueError(f"{e}{hint}") from None
     loop = c.loop or {}
+    _check_layout(path, loop.get("settings") or {}, settings)
     if loop.get("settings") != settings:
         theirs = loop.get("settings") or {}
         keys = [*settings, *(k for k in theirs if k not in settings)]  # either side's
@@ -1217,6 +1298,22 @@ def _resume(found: list[Path], optimizer, model, params, key, settings) -> _Prog
         c.params, None if mlp else c.state, c.opt_state, c.step, loop["history"],
         loop["partial"], loop["seconds"], best,
     )  # fmt: skip
+
+
+def _check_layout(path: Path, theirs: dict, ours: dict) -> None:
+    """A ValueError unless the checkpoint's run had this run's processes and devices."""
+    layout = lambda s: (s.get("processes", 1), s.get("devices"))  # noqa: E731
+    if "devices" not in theirs or layout(theirs) == layout(ours):
+        return
+
+    def said(p, d):
+        return f"{p} process{'es' if p > 1 else ''} with {d} device{'s' if d != 1 else ''} in all"
+
+    raise ValueError(
+        f"{path}: the checkpoint was written by {said(*layout(theirs))}, this run has "
+        f"{said(*layout(ours))}; resume with the same layout (the order of the gradient "
+        "all-reduce, and so the result bit for bit, depends on it)"
+    )
 
 
 # The guard.
