@@ -8,6 +8,7 @@
 * A listing marked ``<!-- source: module.function ... -->`` holds each function's source as it is.
 * The formula tables of docs/math.md name files and functions that exist.
 * README.md's relative links point at files that exist (README is not part of the site build).
+* Every example runs: tests/test_docs_examples.py.
 """
 
 from __future__ import annotations
