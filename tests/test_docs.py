@@ -7,7 +7,8 @@
   class, and every name of every ``__all__`` (checked in the site's objects.inv).
 * A listing marked ``<!-- source: module.function ... -->`` holds each function's source as it is.
 * The formula tables of docs/math.md name files and functions that exist.
-* README.md's relative links point at files that exist (README is not part of the site build).
+* The numbers and names the pages quote from the tests and the tree are as they are: the
+  bad-input catalogue's size (docs/cli.md) and every module and experiment (docs/layout.md).
 * Every example runs: tests/test_docs_examples.py.
 """
 
@@ -23,6 +24,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import test_bad_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -133,9 +135,20 @@ def test_the_formula_tables_name_files_and_functions_that_exist():
             assert all(re.search(rf"\b{r}\b", source) for r in rest), f"{path}: no {name}"
 
 
-def test_readme_links_point_at_files_that_exist():
-    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", README.read_text())
-    local = [link for link in links if not re.match(r"[a-z]+://", link)]
-    assert local, "README links to nothing"
-    missing = [link for link in local if not (ROOT / link).exists()]
-    assert not missing, f"README.md links to {missing}"
+def test_the_command_line_page_counts_the_bad_input_catalogue_as_it_is():
+    found = re.search(
+        r"catalogue of (\d+) such command lines and (\d+) bad API", (DOCS / "cli.md").read_text()
+    )
+    assert found, "docs/cli.md no longer counts the bad-input catalogue"
+    assert (int(found[1]), int(found[2])) == (len(test_bad_inputs.CLI), len(test_bad_inputs.API))
+
+
+def test_the_layout_page_names_every_module_and_experiment():
+    layout = (DOCS / "layout.md").read_text()
+    names = [p.relative_to(ROOT).as_posix() for p in (ROOT / "fnbp").glob("*.py")]
+    names = [n for n in names if not n.endswith("__init__.py")]
+    names += [p.name for d in ("layers", "theory", "instruments") for p in (ROOT / "fnbp" / d).glob("*.py")
+              if p.name != "__init__.py"]  # fmt: skip
+    names += [p.name for p in (ROOT / "experiments").glob("*.py")]
+    missing = [n for n in names if n not in layout and n.replace("fnbp/", "") not in layout]
+    assert not missing, f"docs/layout.md does not name {missing}"
