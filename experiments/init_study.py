@@ -140,7 +140,7 @@ def summary_rows(results, args):
                     "scheme": name,
                     "final_accuracy_mean": float(np.mean(final)),
                     "final_accuracy_std": float(np.std(final)),
-                    # what survives a host's rounding: the median and the spread (README)
+                    # what survives a host's rounding: the median and the spread (docs/experiments/init_study.md)
                     "final_accuracy_median": float(np.median(final)),
                     "final_accuracy_min": float(np.min(final)),
                     "final_accuracy_max": float(np.max(final)),

@@ -94,6 +94,7 @@ ACTIVATIONS: dict[str, Activation] = {
         Activation("identity", lambda z: z, lambda z, a: jnp.ones_like(z)),
     ]
 }
+"""Every activation by name: ``relu``, ``tanh``, ``sigmoid``, … each an :class:`Activation` ``(f, f′)`` pair."""
 
 
 def get_activation(name: str) -> Activation:

@@ -1,4 +1,4 @@
-"""The ``fnbp`` command line: ``fnbp train`` and ``fnbp check``.
+"""The ``fnbp`` command line: ``fnbp train``, ``fnbp check`` and ``fnbp report``.
 
 The net is an MLP (``--sizes``), a spec file (``--net FILE.json``, the JSON of
 :meth:`fnbp.Net.to_json`) or a preset of :mod:`fnbp.presets` sized for the data (``--arch``).
@@ -16,6 +16,9 @@ DP-SGD and writes ε (privacy.json, metrics.jsonl, report.md). With ``--coordina
 --num-processes N --process-id I`` (or ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
 ``JAX_PROCESS_ID``, or ``--cluster slurm``) N processes, one command per host, train one model
 data parallel over all their devices (:mod:`fnbp.distributed`); process 0 writes the run folder.
+Every run ends by writing report.md (:func:`fnbp.report.train_report`: the config, the final
+metrics, the loss and accuracy per epoch, each layer's gradient norm); ``fnbp report RUN_DIR``
+rebuilds it from the files of a finished, interrupted or diverged run.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -333,6 +337,17 @@ def _parser(raise_errors: bool = False) -> argparse.ArgumentParser:
         "key; the default) or eval (running statistics, no dropout)",
     )  # fmt: skip
     c.add_argument("--no-fd", action="store_true", help="skip the finite differences")
+
+    r = sub.add_parser(
+        "report",
+        help="(re)build report.md of an fnbp train run folder from its files",
+        description="Write report.md (and its figures) in an fnbp train run folder from its "
+        "config.json, metrics.jsonl and privacy.json: the config, the final metrics, train loss "
+        "and test accuracy per epoch, each layer's gradient norm, the instruments' figures. "
+        "The run may be finished, interrupted or diverged.",
+        raise_errors=raise_errors,
+    )  # fmt: skip
+    r.add_argument("run_dir", metavar="RUN_DIR", help="the run folder fnbp train wrote")
     return parser
 
 
@@ -596,19 +611,6 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
     _atomic_write_bytes(path, text.encode())
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl, skipping lines a killed run may have left half-written."""
-    records = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
-            records.append(record)
-    return records
-
-
 def _train(args, argv) -> int:
     # Join first: jax's preemption notifier takes SIGTERM when it starts, the handlers take it back
     processes = _join(args)
@@ -656,7 +658,7 @@ def _run_training(args, argv, stop: _StopOnSignal, processes: int = 1) -> int:
     from fnbp.initializers import init_params
     from fnbp.io import save_params
     from fnbp.model import MLP, init_state
-    from fnbp.report import check_out, environment, save_json
+    from fnbp.report import check_out, environment, read_jsonl, save_json
     from fnbp.train import Interrupted, NonFiniteError, data_mesh, fit
 
     resume = args.resume is not None
@@ -713,7 +715,8 @@ def _run_training(args, argv, stop: _StopOnSignal, processes: int = 1) -> int:
             )
     _check_extras(args, model)
     privacy = _Privacy.of(args, len(ds.x_train))
-    described = {}  # config.json's names for what metrics.jsonl's lists hold
+    # config.json's names for what metrics.jsonl's lists hold, the command, the examples trained on
+    described = {"command": "fnbp " + shlex.join(argv), "n_train": len(ds.x_train)}
     if args.instruments:
         from fnbp.instruments import layer_names
         from fnbp.instruments.training import left_out
@@ -748,7 +751,7 @@ def _run_training(args, argv, stop: _StopOnSignal, processes: int = 1) -> int:
             f"resuming {out}: no checkpoint yet, starting from the beginning",
             file=sys.stderr,
         )  # fmt: skip
-        records = _read_jsonl(metrics_path)
+        records = read_jsonl(metrics_path)
     elif main:  # arguments are good: only now is anything written
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -775,7 +778,7 @@ def _run_training(args, argv, stop: _StopOnSignal, processes: int = 1) -> int:
 
     def report():  # report.md (and privacy.json) from the epochs logged so far
         if main:
-            _write_report(out, args, argv, model, records, privacy)
+            _write_report(out, records, privacy)
 
     key = jax.random.key(args.seed)
     k_init, k_data = jax.random.split(key)
@@ -817,8 +820,7 @@ def _run_training(args, argv, stop: _StopOnSignal, processes: int = 1) -> int:
     print(_summary(history, args.early_stopping, args.epochs))
     if privacy.on:
         print(privacy.summary(records[-1]["step"]))
-    if args.instruments or privacy.on:
-        print(f"report: {out / 'report.md'}")
+    print(f"report: {out / 'report.md'}")
     print(f"run folder: {out}")
     return 0
 
@@ -924,47 +926,44 @@ class _Privacy:
             "(see privacy.json)"
         )
 
-    def markdown(self, steps: int) -> str:
-        a = self.accounting(steps)
-        return "\n".join([
-            "## Privacy (DP-SGD)", "",
-            f"Each example's gradient clipped to norm C = {self.clip:g}, Gaussian noise "
-            f"σC = {self.noise:g}·{self.clip:g} on the sum (one backward pass, "
-            "fnbp.instruments.privacy).", "",
-            f"**ε = {a['epsilon']:.4g} at δ = {self.delta:g}** after {steps} steps, sampling "
-            f"rate q = {self.batch}/{self.n} = {self.rate:.4g}, {a['accountant']}.", "",
-            f"Caveat: {self.SAMPLING}", "",
-        ])  # fmt: skip
 
+def _write_report(out: Path, records: list[dict], privacy: _Privacy) -> None:
+    """With DP-SGD ``privacy.json`` (ε after the steps logged so far), then ``report.md`` from
+    the run folder's files (:func:`fnbp.report.train_report`)."""
+    from fnbp.report import save_json, train_report
 
-def _write_report(out: Path, args, argv, model, records: list[dict], privacy: _Privacy) -> None:
-    """``report.md`` (with ``--instruments`` or DP-SGD; nothing otherwise) and, with DP-SGD,
-    ``privacy.json``, from the epoch records logged so far."""
-    import shlex
-
-    from fnbp.instruments import layer_names
-    from fnbp.instruments.training import left_out, report_section
-    from fnbp.report import save_json
-
-    if not (args.instruments or privacy.on):
-        return
-    steps = records[-1]["step"] if records else 0
-    parts = ["# fnbp train", "", "```", "fnbp " + shlex.join(argv), "```", ""]
-    done = f"{len(records)} of {args.epochs} epochs"
-    if records:
-        last = records[-1]
-        acc = last.get("test_accuracy")
-        done += (
-            f", {steps} steps; test accuracy {acc:.4f}" if acc is not None else f", {steps} steps"
-        )
-    parts += [f"Run folder `{out}`: {done}.", ""]
     if privacy.on:
-        save_json(out / "privacy.json", privacy.accounting(steps))
-        parts.append(privacy.markdown(steps))
-    if args.instruments:
-        parts.append(report_section(out, records, layer_names(model), every=args.instruments_every,
-                                    note=left_out(model)))  # fmt: skip
-    (out / "report.md").write_text("\n".join(parts) + "\n")
+        save_json(out / "privacy.json", privacy.accounting(records[-1]["step"] if records else 0))
+    train_report(out)
+
+
+def _report(args) -> int:
+    """``fnbp report RUN_DIR``: privacy.json again for a DP-SGD run (ε at the last logged step),
+    then report.md."""
+    from fnbp.report import read_jsonl, train_report
+
+    run = Path(args.run_dir)
+    config_path = run / "config.json"
+    if not run.is_dir():
+        raise UsageError(f"{run}: no such run folder")
+    if not config_path.is_file():
+        raise UsageError(f"{run}: it has no config.json, so it is not an fnbp train run folder")
+    try:
+        config = json.loads(config_path.read_text())
+        dp = config.get("dp_clip") is not None
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise UsageError(
+            f"{config_path}: not an fnbp train config ({type(e).__name__}: {e})"
+        ) from None
+    if dp and config.get("n_train") is not None:  # configs written before n_train keep privacy.json
+        records = read_jsonl(run / "metrics.jsonl")
+        privacy = _Privacy(config["dp_clip"], config["dp_noise"], config["dp_delta"],
+                           config["batch_size"], config["n_train"])  # fmt: skip
+        _write_report(run, records, privacy)
+    else:
+        train_report(run)
+    print(f"report: {run / 'report.md'}")
+    return 0
 
 
 def _hold_out(ds, fraction: float | None, seed: int) -> tuple:
@@ -1107,6 +1106,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     try:
+        if args.command == "report":
+            return _report(args)
         return _train(args, argv) if args.command == "train" else _check(args)
     except NonFiniteError as e:
         print(f"fnbp: error: {e}", file=sys.stderr)

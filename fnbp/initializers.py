@@ -138,6 +138,7 @@ SCHEMES: dict[str, InitScheme] = {
     ),
     "naive": normal_scheme(0.01, name="naive"),
 }
+"""The named init schemes, each an :class:`InitScheme` (its distribution and variance in the module docstring)."""
 
 
 def get_scheme(scheme: str | InitScheme) -> InitScheme:

@@ -88,6 +88,7 @@ LOSSES: dict[str, Loss] = {
         Loss("sigmoid_binary_cross_entropy", _sigmoid_bce_value, _sigmoid_bce_delta, True, False),
     ]
 }
+"""Every loss by name, each a :class:`Loss` with its value and its output δ."""
 
 
 def get_loss(name: str) -> Loss:

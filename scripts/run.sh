@@ -8,7 +8,7 @@
 #      no finite-width sweep here; the experiment's default is 8 seeds and the sweep);
 #   4. the cures trained: plain, residual (α = 1, 1/√L), BatchNorm, LayerNorm and residual +
 #      BatchNorm nets of 30 hidden layers, He vs naive init, SGD and Adam, 4 seeds, 5 epochs.
-# Each experiment's full run is its own command (README, "Experiments").
+# Each experiment's full run is its own command (docs/experiments/, one page each).
 # Usage: bash scripts/run.sh [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -62,7 +62,7 @@ def _arrays(run_dir):
 def test_train_writes_config_metrics_and_params(runs):
     rc, out, run = runs["manual"]
     assert rc == 0
-    names = ["checkpoints", "config.json", "metrics.jsonl", "params.npz"]
+    names = ["checkpoints", "config.json", "metrics.jsonl", "params.npz", "report.md", "training.png"]
     assert sorted(p.name for p in run.iterdir()) == names
     # one checkpoint per epoch (44 steps of 32), the newest two kept
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(
@@ -86,7 +86,70 @@ def test_train_writes_config_metrics_and_params(runs):
     assert model.sizes == (64, 32, 10) and model.activation == "relu"
     assert params[0]["W"].shape == (32, 64)
     assert f"final test accuracy: {records[-1]['test_accuracy']:.4f}" in out
-    assert f"run folder: {run}" in out
+    assert f"report: {run / 'report.md'}\nrun folder: {run}" in out
+    assert config["n_train"] == 1437  # digits' 80% split: the size DP-SGD's accounting needs
+    assert config["command"] == f"fnbp train {' '.join(SMALL)} --out {run} --seed 0 --grads manual"
+
+
+def test_train_report_shows_the_command_final_metrics_curves_and_config(runs):
+    _, _, run = runs["manual"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    report = (run / "report.md").read_text()
+    assert report.startswith(f"# fnbp train: manual\n\n```\nfnbp train {' '.join(SMALL)}")
+    assert "Finished: 3 of 3 epochs, 132 steps; the params are in params.npz." in report
+    assert f"| test accuracy | {records[-1]['test_accuracy']:.6g} |" in report
+    assert f"| train loss (mean over the epoch's steps) | {records[-1]['train_loss']:.6g} |" in report
+    g0, g2 = records[0]["grad_norms"], records[2]["grad_norms"]
+    assert f"| layer 1 (dense) | {g0[0]:.4g} | {g2[0]:.4g} |" in report
+    assert f"| layer 2 (dense) | {g0[1]:.4g} | {g2[1]:.4g} |" in report
+    assert "](training.png)" in report and (run / "training.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| lr | 0.02 |" in report and "| sizes | 64,32,10 |" in report
+    assert f"| jax_version | {jax.__version__} |" in report
+
+
+def test_report_rebuilds_report_md_of_a_finished_and_of_an_interrupted_run(runs, tmp_path, capsys):
+    run = tmp_path / "copy"
+    shutil.copytree(runs["seed1"][2], run)
+    written = (run / "report.md").read_text().replace("# fnbp train: seed1", "# fnbp train: copy")
+    (run / "report.md").unlink()
+    (run / "training.png").unlink()
+    assert main(["report", str(run)]) == 0
+    assert capsys.readouterr().out == f"report: {run / 'report.md'}\n"
+    assert (run / "report.md").read_text() == written and (run / "training.png").is_file()
+    # as a run killed in epoch 3 leaves it: two records, half a line, no params
+    (run / "params.npz").unlink()
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text(f"{lines[0]}\n{lines[1]}\n{lines[2][:20]}")
+    assert main(["report", str(run)]) == 0
+    report = (run / "report.md").read_text()
+    assert "Not finished: 2 of 3 epochs recorded (88 steps) and no params.npz" in report
+    assert f"`fnbp train --resume {run}`" in report and "## Final metrics (epoch 2)" in report
+
+
+@pytest.mark.parametrize(
+    "setup, match",
+    [
+        (None, "nowhere: no such run folder"),
+        ("empty", "it has no config.json, so it is not an fnbp train run folder"),
+        ("bad-json", "config.json: not an fnbp train config (JSONDecodeError"),
+        ("no-epochs", "config.json: not an fnbp train config (KeyError: 'epochs')"),
+    ],
+)
+def test_report_refuses_a_folder_that_is_not_a_run_in_one_line(tmp_path, capsys, setup, match):
+    out = tmp_path / ("nowhere" if setup is None else "run")
+    if setup is not None:
+        out.mkdir()
+    if setup == "bad-json":
+        (out / "config.json").write_text("{not json")
+    elif setup == "no-epochs":
+        (out / "config.json").write_text(json.dumps({"sizes": [64, 10], "activation": "relu",
+                                                      "loss": "softmax_cross_entropy",
+                                                      "output_activation": "identity"}))  # fmt: skip
+    before = sorted(p.name for p in out.rglob("*")) if out.exists() else None
+    assert main(["report", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fnbp: error:") and match in err[0], err
+    assert (sorted(p.name for p in out.rglob("*")) if out.exists() else None) == before
 
 
 def test_train_same_seed_gives_bitwise_identical_params(runs):
@@ -249,7 +312,7 @@ def test_train_instruments_records_every_kth_step_and_plots_them_in_report_md(tm
     rc, printed = _train_quietly(out, "--epochs", "2", "--instruments", "--instruments-every", "20")
     assert rc == 0 and f"report: {out / 'report.md'}" in printed
     figures = ["example_norms.png", "gradient_flow.png", "noise_scale.png", "update_ratio.png"]
-    assert {p.name for p in out.glob("*.png")} == set(figures)
+    assert {p.name for p in out.glob("*.png")} == {*figures, "training.png"}
     assert all((out / f).stat().st_size > 10_000 for f in figures)  # drawn, not blank
     report = (out / "report.md").read_text()
     assert all(f"]({f})" in report for f in figures) and "Every 20-th step" in report
@@ -282,7 +345,9 @@ def test_train_instruments_under_batchnorm_leave_out_the_per_example_plots_and_s
     why = "layer 2 (residual) branch layer 2 (batch_norm) couples the examples"
     assert why in capsys.readouterr().err
     assert why in (out / "report.md").read_text()
-    assert {p.name for p in out.glob("*.png")} == {"gradient_flow.png", "update_ratio.png"}
+    assert {p.name for p in out.glob("*.png")} == {
+        "gradient_flow.png", "update_ratio.png", "training.png"
+    }  # fmt: skip
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["instruments"][0]
     assert "b_simple" not in record and "example_norms" not in record
     assert len(record["grad_norm"]) == 6  # dense, 2 dense + BN in the block, dense
@@ -310,6 +375,12 @@ def test_train_dp_writes_epsilon_its_accounting_and_the_sampling_caveat(tmp_path
     assert "shuffled and of fixed size" in printed
     config = json.loads((out / "config.json").read_text())
     assert (config["dp_clip"], config["dp_noise"], config["dp_delta"]) == (1.0, 1.1, 1e-5)
+    # fnbp report computes the accounting again from config.json and metrics.jsonl alone
+    (out / "privacy.json").unlink()
+    (out / "report.md").unlink()
+    assert main(["report", str(out)]) == 0
+    assert json.loads((out / "privacy.json").read_text()) == accounting
+    assert (out / "report.md").read_text() == report
 
 
 # ----------------------------------------------------------------------------------------------
@@ -921,7 +992,7 @@ def test_train_net_file_writes_its_spec_state_and_metrics(net_runs):
     run = root / "whole"
     assert results["whole"]["rc"] == 0, results["whole"]["err"]
     assert sorted(p.name for p in run.iterdir()) == [
-        "checkpoints", "config.json", "metrics.jsonl", "params.npz"
+        "checkpoints", "config.json", "metrics.jsonl", "params.npz", "report.md", "training.png"
     ]  # fmt: skip
     config = json.loads((run / "config.json").read_text())
     assert config["net"] == json.loads(TINY_CNN.to_json())  # the full spec, not just the file

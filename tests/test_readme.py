@@ -1,45 +1,31 @@
-"""Tests of README.md against the source: the backward-pass listing is the code as it is."""
+"""Tests of README.md, the front page: what it links to exists. (Its ``fnbp check`` listing is
+checked by tests/test_crosscheck.py, its example by tests/test_docs_examples.py; the content that
+moved from it into docs/ is checked there by tests/test_docs.py.)"""
 
-import importlib
-import inspect
 import re
 from pathlib import Path
 
-import test_bad_inputs
+from markdown.extensions.toc import slugify
 
-from fnbp import engine
-
-README = Path(__file__).resolve().parent.parent / "README.md"
-backprop = importlib.import_module("fnbp.backprop")
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 
 
-def _block_after(text: str, marker: str) -> str:
-    start = text.index("```python", text.index(marker)) + len("```python\n")
-    return text[start : text.index("```", start)]
-
-
-def test_readme_backward_pass_listing_is_the_source():
-    listing = _block_after(README.read_text(), "The whole backward pass")
-    for fn in (engine.backward_seq, engine.act_backward, backprop._backward):
-        assert inspect.getsource(fn).rstrip() in listing, f"README listing of {fn.__name__} drifted"
-
-
-def test_readme_counts_the_bad_input_catalogue_as_it_is():
-    found = re.search(
-        r"catalogue of (\d+) such command lines and (\d+) bad API", README.read_text()
+def _anchors(page: Path) -> set[str]:
+    """The anchors of a markdown page's headings, as mkdocs (and, for ASCII headings, GitHub)
+    make them."""
+    headings = re.findall(
+        r"^#+ (.+)$", re.sub(r"```.*?```", "", page.read_text(), flags=re.S), re.M
     )
-    assert found, "README no longer counts the bad-input catalogue"
-    assert (int(found[1]), int(found[2])) == (len(test_bad_inputs.CLI), len(test_bad_inputs.API))
+    return {slugify(h, "-") for h in headings}
 
 
-def test_readme_layout_names_every_module_and_experiment():
-    text = README.read_text()
-    layout = text[text.index("## Layout") :]
-    root = README.parent
-    names = [p.relative_to(root).as_posix() for p in (root / "fnbp").glob("*.py")]
-    names = [n for n in names if not n.endswith("__init__.py")]
-    names += [p.name for d in ("layers", "theory", "instruments") for p in (root / "fnbp" / d).glob("*.py")
-              if p.name != "__init__.py"]  # fmt: skip
-    names += [p.name for p in (root / "experiments").glob("*.py")]
-    missing = [n for n in names if n not in layout and n.replace("fnbp/", "") not in layout]
-    assert not missing, f"README's Layout does not name {missing}"
+def test_readme_links_point_at_files_and_headings_that_exist():
+    links = re.findall(r"\]\(([^)\s]+)\)", README.read_text())
+    local = [link for link in links if not re.match(r"[a-z]+://", link)]
+    assert len(local) >= 10, local  # the front page links into the site
+    for link in local:
+        path, _, anchor = link.partition("#")
+        assert (ROOT / path).exists(), f"README.md links to {path}, which does not exist"
+        if anchor:
+            assert anchor in _anchors(ROOT / path), f"README.md links to {link}: no such heading"

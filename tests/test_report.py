@@ -268,3 +268,134 @@ def test_save_figure_writes_a_png_closes_the_figure_and_returns_the_file_name(tm
     assert not plt.fignum_exists(fig.number)
     assert report.save_figure(report.figure()[0], str(tmp_path / "b.png")) == "b.png"
     assert (tmp_path / "b.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+# ----------------------------------------------------------------------------------------------
+# read_jsonl and train_report: fnbp train's report.md from a run folder's files
+
+MLP_CONFIG = {
+    "dataset": "digits", "sizes": [4, 6, 3], "activation": "relu", "loss": "softmax_cross_entropy",
+    "output_activation": "identity", "lr": 0.1, "epochs": 3, "early_stopping": None,
+    "instruments": False, "dp_clip": None, "command": "fnbp train --sizes 4,6,3 --epochs 3",
+}  # fmt: skip
+RECORDS = [  # numbers chosen by hand: the report must show exactly these
+    {"epoch": 1, "step": 10, "train_loss": 2.5, "grad_norms": [0.75, 0.5], "seconds": 1.5,
+     "test_loss": 1.25, "test_accuracy": 0.5},
+    {"epoch": 2, "step": 20, "train_loss": 1.0, "grad_norms": [0.25, 0.125], "seconds": 2.0,
+     "test_loss": 0.75, "test_accuracy": 0.625},
+    {"epoch": 3, "step": 30, "train_loss": 0.5, "grad_norms": [0.0625, 0.03125], "seconds": 2.5,
+     "test_loss": 0.625, "test_accuracy": 0.875},
+]  # fmt: skip
+
+
+def _run_folder(path, config=MLP_CONFIG, records=RECORDS, finished=True, tail=""):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + tail)
+    if finished:
+        (path / "params.npz").write_bytes(b"")  # only whether it exists is read
+    return path
+
+
+def test_read_jsonl_keeps_records_in_order_and_skips_a_half_written_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1, "x": 1}\n[1, 2]\n{"epoch": "2"}\n{"epoch": 3}\n{"epoch": 4, "x"')
+    assert report.read_jsonl(path) == [{"epoch": 1, "x": 1}, {"epoch": 3}]
+    assert report.read_jsonl(tmp_path / "missing.jsonl") == []
+
+
+def test_train_report_of_a_finished_run_has_command_status_metrics_figure_and_config(tmp_path):
+    run = _run_folder(tmp_path / "run")
+    path = report.train_report(run)
+    text = path.read_text()
+    assert path == run / "report.md"
+    assert text.startswith("# fnbp train: run\n\n```\nfnbp train --sizes 4,6,3 --epochs 3\n```\n")
+    assert "Finished: 3 of 3 epochs, 30 steps; the params are in params.npz." in text
+    assert "## Final metrics (epoch 3)" in text
+    for row in ["| train loss (mean over the epoch's steps) | 0.5 |", "| test loss | 0.625 |",
+                "| test accuracy | 0.875 |", "| steps | 30 |",
+                "| seconds (training, compilation included) | 2.5 |"]:  # fmt: skip
+        assert row in text, row
+    assert "| layer 1 (dense) | 0.75 | 0.0625 |" in text  # ‖∂L/∂W‖ at epochs 1 and 3
+    assert "| layer 2 (dense) | 0.5 | 0.03125 |" in text
+    assert "Per epoch: train loss (the mean over each epoch's steps), test loss, test accuracy, each layer's" in text  # fmt: skip
+    assert "![training](training.png)" in text
+    assert (run / "training.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert "| lr | 0.1 |" in text and "| sizes | 4,6,3 |" in text and "| dp_clip | – |" in text
+    assert "| command |" not in text  # shown once, above
+
+
+def test_train_report_of_an_interrupted_run_says_how_far_it_got_and_how_to_resume(tmp_path):
+    run = _run_folder(tmp_path / "run", records=RECORDS[:2], finished=False, tail='{"epoch": 3, "st')
+    text = report.train_report(run).read_text()
+    assert (
+        f"Not finished: 2 of 3 epochs recorded (20 steps) and no params.npz: the run was "
+        f"interrupted or diverged (its error says which). Continue it with `fnbp train --resume {run}`."
+    ) in text  # fmt: skip
+    assert "## Final metrics (epoch 2)" in text and "| test accuracy | 0.625 |" in text
+
+
+def test_train_report_before_the_first_epoch_has_no_metrics_and_no_figure(tmp_path):
+    run = _run_folder(tmp_path / "run", records=[], finished=False)
+    text = report.train_report(run).read_text()
+    assert "Not finished: 0 of 3 epochs recorded (0 steps)" in text
+    assert "## Final metrics" not in text and not (run / "training.png").exists()
+    assert "## Config" in text
+
+
+def test_train_report_names_a_nets_weight_layers_and_its_early_stopping_epoch(tmp_path):
+    from fnbp.layers import BatchNorm, Dense, Residual
+
+    net = fnbp.Net(4, [Dense(6, "relu"), BatchNorm(), Residual((Dense(6),)), Dense(3)])
+    config = {**MLP_CONFIG, "sizes": None, "net": net.to_dict(), "early_stopping": 1}
+    records = [{**r, "grad_norms": [*r["grad_norms"], 1.0], "best_epoch": 2} for r in RECORDS]
+    text = report.train_report(_run_folder(tmp_path / "run", config, records)).read_text()
+    # the three layers with weights, as fnbp.train.weight_layers counts them: BatchNorm is not one
+    for row in ["| layer 1 (dense) | 0.75 | 0.0625 |", "| layer 3 (residual) | 0.5 | 0.03125 |",
+                "| layer 4 (dense) | 1 | 1 |"]:  # fmt: skip
+        assert row in text, row
+    assert "Finished: early stopping ran 3 of 3 epochs (30 steps); params.npz holds epoch 2's" in text
+    assert "| test accuracy, epoch 2 (the params kept) | 0.625 |" in text
+    assert "The net: 4 layers (1 dense, 2 batch_norm, 3 residual, 4 dense)." in text
+
+
+def test_train_report_of_a_regression_run_plots_losses_only(tmp_path):
+    config = {**MLP_CONFIG, "dataset": "teacher_student", "loss": "mse", "sizes": [4, 6, 1]}
+    records = [{k: v for k, v in r.items() if k not in ("test_accuracy", "grad_norms")}
+               for r in RECORDS]  # fmt: skip
+    text = report.train_report(_run_folder(tmp_path / "run", config, records)).read_text()
+    assert "Per epoch: train loss (the mean over each epoch's steps), test loss.\n" in text
+    assert "accuracy" not in text and "‖∂L/∂W‖" not in text
+
+
+def test_train_report_of_a_dp_run_shows_the_accounting_of_privacy_json(tmp_path):
+    config = {**MLP_CONFIG, "dp_clip": 1.0}
+    run = _run_folder(tmp_path / "run", config)
+    accounting = {"epsilon": 3.25, "delta": 1e-5, "accountant": "dp-accounting RDP (Rényi DP)",
+                  "noise_multiplier": 1.1, "clip_norm": 1.0, "sampling_rate": 0.125,
+                  "batch_size": 4, "n_train": 32, "steps": 30, "sampling": "not Poisson."}  # fmt: skip
+    (run / "privacy.json").write_text(json.dumps(accounting))
+    text = report.train_report(run).read_text()
+    assert "## Privacy (DP-SGD)" in text and "Gaussian noise σC = 1.1·1 on the sum" in text
+    assert "**ε = 3.25 at δ = 1e-05** after 30 steps, sampling rate q = 4/32 = 0.125" in text
+    assert "Caveat: not Poisson." in text
+
+
+@pytest.mark.parametrize(
+    "config, error, match",
+    [
+        (None, FileNotFoundError, "no config.json, so it is not an fnbp train run folder"),
+        ("{", ValueError, "config.json: not an fnbp train config (JSONDecodeError"),
+        ({"sizes": [4, 3], "activation": "relu", "loss": "mse", "output_activation": "identity"},
+         ValueError, "not an fnbp train config (KeyError: 'epochs')"),
+        ({**MLP_CONFIG, "activation": "swish"}, ValueError, "not an fnbp train config"),
+    ],
+)  # fmt: skip
+def test_train_report_refuses_a_folder_without_a_train_config(tmp_path, config, error, match):
+    run = tmp_path / "run"
+    run.mkdir()
+    if config is not None:
+        (run / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    with pytest.raises(error, match=re.escape(match)):
+        report.train_report(run)
+    assert not (run / "report.md").exists()

@@ -293,13 +293,6 @@ def _series(rows: list, key: str):
     return steps, vals
 
 
-def _log_positive(v):
-    """``v`` with zeros and negatives as NaN, for a log axis."""
-    v = np.array(v, dtype=float)
-    v[~(v > 0)] = np.nan
-    return v
-
-
 def report_section(
     folder: str | os.PathLike, history: list[dict], names: list[str], *, every: int,
     note: str | None = None,
@@ -321,7 +314,14 @@ def report_section(
     the first and last layers); the last two only where the per-example fields exist. Then a
     table of every layer at the last instrumented step.
     """
-    from fnbp.report import figure, markdown_table, save_figure
+    from fnbp.report import (
+        figure,
+        layer_colors,
+        log_axes,
+        log_positive,
+        markdown_table,
+        save_figure,
+    )
 
     folder = Path(folder)
     rows = [r for rec in history for r in rec.get("instruments", [])]
@@ -338,19 +338,19 @@ def report_section(
         lines += [f"Note: {note}.", ""]
     if not rows:
         return "\n".join([*lines, "No instrumented step was recorded.", ""])
-    cmap = _colors(len(names))
+    cmap = layer_colors(len(names))
     step, g = _series(rows, "grad_norm")
     fig, ax = figure(size=(7.0, 4.5))
     for i, name in enumerate(names):
-        ax[0, 0].plot(step, _log_positive(g[:, i]), color=cmap[i], lw=1.2, label=name)
-    _finish(ax[0, 0], "gradient flow: ‖ḡ‖ per layer", "step", "‖∂L/∂θ‖ of the layer", names)
+        ax[0, 0].plot(step, log_positive(g[:, i]), color=cmap[i], lw=1.2, label=name)
+    log_axes(ax[0, 0], "gradient flow: ‖ḡ‖ per layer", "step", "‖∂L/∂θ‖ of the layer", names)
     lines += [f"![gradient flow]({save_figure(fig, folder / 'gradient_flow.png')})", ""]
 
     step, r = _series(rows, "update_ratio")
     fig, ax = figure(size=(7.0, 4.5))
     for i, name in enumerate(names):
-        ax[0, 0].plot(step, _log_positive(r[:, i]), color=cmap[i], lw=1.2, label=name)
-    _finish(ax[0, 0], "update size: ‖Δθ‖ / ‖θ‖ per layer", "step", "‖Δθ‖ / ‖θ‖", names)
+        ax[0, 0].plot(step, log_positive(r[:, i]), color=cmap[i], lw=1.2, label=name)
+    log_axes(ax[0, 0], "update size: ‖Δθ‖ / ‖θ‖ per layer", "step", "‖Δθ‖ / ‖θ‖", names)
     lines += [f"![update ratio]({save_figure(fig, folder / 'update_ratio.png')})", ""]
 
     if any("b_simple" in r for r in rows):
@@ -359,10 +359,10 @@ def report_section(
         _, g2 = _series(rows, "grad_norm_sq")
         running = _window_ratio(tr, g2)
         fig, ax = figure(size=(7.0, 4.0))
-        ax[0, 0].plot(step, _log_positive(b), ".", ms=3, alpha=0.6, label="B_simple of the step")
-        ax[0, 0].plot(step, _log_positive(running), lw=1.5,
+        ax[0, 0].plot(step, log_positive(b), ".", ms=3, alpha=0.6, label="B_simple of the step")
+        ax[0, 0].plot(step, log_positive(running), lw=1.5,
                       label=f"Σ tr Σ / Σ ‖ḡ‖² over the last {WINDOW} of them")  # fmt: skip
-        _finish(ax[0, 0], "gradient noise scale B_simple = tr Σ / ‖ḡ‖²", "step", "examples")
+        log_axes(ax[0, 0], "gradient noise scale B_simple = tr Σ / ‖ḡ‖²", "step", "examples")
         lines += [f"![noise scale]({save_figure(fig, folder / 'noise_scale.png')})", ""]
 
         step, tot = _series(rows, "total_example_norms")
@@ -374,7 +374,7 @@ def report_section(
             a.fill_between(step, q[:, 0], q[:, 2], alpha=0.3, label="10–90 %")
             a.plot(step, q[:, 1], lw=1.5, label="median")
             a.plot(step, q[:, 3], ":", lw=1.2, label="max")
-            _finish(a, f"‖gᵢ‖: {title}", "step", "per-example gradient norm")
+            log_axes(a, f"‖gᵢ‖: {title}", "step", "per-example gradient norm")
         lines += [f"![per-example norms]({save_figure(fig, folder / 'example_norms.png')})", ""]
 
     last = rows[-1]
@@ -411,23 +411,3 @@ def _window_ratio(num, den, window: int = WINDOW) -> np.ndarray:
     lag = lambda c: np.concatenate([np.zeros(window), c[:-window]])[: len(c)]  # noqa: E731
     with np.errstate(invalid="ignore", divide="ignore"):
         return (c_num - lag(c_num)) / (c_den - lag(c_den))
-
-
-def _colors(n: int) -> list:
-    import matplotlib
-
-    cmap = matplotlib.colormaps["viridis"]
-    return [cmap(i / max(n - 1, 1)) for i in range(n)]
-
-
-def _finish(ax, title: str, xlabel: str, ylabel: str, names: list | None = None) -> None:
-    ax.set_yscale("log")
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3, which="both")
-    if names is None or len(names) <= 12:
-        ax.legend(fontsize=7)
-    else:  # too many lines to name: the colour runs from the first layer to the last
-        ax.text(0.01, 0.02, f"colour: {names[0]} (dark) … {names[-1]} (light)",
-                transform=ax.transAxes, fontsize=7)  # fmt: skip

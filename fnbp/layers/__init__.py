@@ -47,6 +47,7 @@ KINDS: dict[str, type[Layer]] = {
         Reshape,
     )  # fmt: skip
 }
+"""Every layer class by its ``kind``, the name its JSON form carries (:func:`from_dict`)."""
 
 
 def from_dict(d, where: str = "layer") -> Layer:

@@ -59,6 +59,7 @@ class LayerError(ValueError):
 
 
 def positive_int(name: str, v) -> int:
+    """``v`` if it is an int ≥ 1 (not a bool); a :class:`LayerError` naming ``name`` otherwise."""
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise LayerError(f"{name} must be a positive int, got {v!r}")
     return v

@@ -40,6 +40,7 @@ import numpy as np
 from fnbp.theory.mean_field import _phi, gaussian_expectation
 
 POSITIONS = ("before", "after")
+"""Where :func:`layernorm_factor`'s LayerNorm sits: before or after the activation."""
 
 
 def layernorm_factor(activation: str, position: str, sigma_w2: float = 2.0) -> float:

@@ -189,7 +189,7 @@ def closing_notes(result, on_gpu: bool) -> list[str]:
         notes.append(
             "No GPU in this run: the large config, bfloat16 and the H100 targets were not "
             "measured (the bfloat16 path runs here only in --quick). Run this script on a GPU "
-            "(README: Performance) to fill them in."
+            "(docs/performance.md: On a GPU) to fill them in."
         )
     mlp = {f"manual/autodiff step time ≤ 1.00: {_mlp_what(r)}": r for r in result["ratios"]}
     nets = {f"manual/autodiff step time ≤ 1.00: {_net_what(r)}": r for r in result["net_ratios"]}
