@@ -560,11 +560,7 @@ def _resumed(args, argv) -> tuple[Path, argparse.Namespace]:
             f"{', '.join(extra)}"
         )
     run = Path(args.resume)
-    config_path = run / "config.json"
-    if not run.is_dir():
-        raise UsageError(f"--resume {run}: no such run folder")
-    if not config_path.is_file():
-        raise UsageError(f"--resume {run}: it has no config.json, so it is not an fnbp train run")
+    config_path = _run_config(run, f"--resume {run}", "an fnbp train run")
     try:
         config = json.loads(config_path.read_text())
         saved = {k: config[k] for k in TRAIN_SETTINGS}
@@ -937,17 +933,23 @@ def _write_report(out: Path, records: list[dict], privacy: _Privacy) -> None:
     train_report(out)
 
 
+def _run_config(run: Path, name: str, what: str) -> Path:
+    """The path of run folder ``run``'s config.json; a :class:`UsageError` starting with
+    ``name`` when the folder or its config.json is missing."""
+    if not run.is_dir():
+        raise UsageError(f"{name}: no such run folder")
+    if not (run / "config.json").is_file():
+        raise UsageError(f"{name}: it has no config.json, so it is not {what}")
+    return run / "config.json"
+
+
 def _report(args) -> int:
     """``fnbp report RUN_DIR``: privacy.json again for a DP-SGD run (ε at the last logged step),
     then report.md."""
     from fnbp.report import read_jsonl, train_report
 
     run = Path(args.run_dir)
-    config_path = run / "config.json"
-    if not run.is_dir():
-        raise UsageError(f"{run}: no such run folder")
-    if not config_path.is_file():
-        raise UsageError(f"{run}: it has no config.json, so it is not an fnbp train run folder")
+    config_path = _run_config(run, str(run), "an fnbp train run folder")
     try:
         config = json.loads(config_path.read_text())
         dp = config.get("dp_clip") is not None
