@@ -54,11 +54,13 @@ def check_metrics(metrics, allowed=METRICS) -> str:
 def finite(tree) -> Array:
     """Whether every floating entry of ``tree`` is finite (a scalar bool; ``True`` for a
     tree without floating leaves)."""
-    out = jnp.asarray(True)
-    for v in jax.tree.leaves(tree):
-        if jnp.issubdtype(v.dtype, jnp.inexact):
-            out = out & jnp.isfinite(jnp.sum(v))
-    return out
+    sums = [jnp.sum(v) for v in jax.tree.leaves(tree) if jnp.issubdtype(v.dtype, jnp.inexact)]
+    if not sums:
+        return jnp.asarray(True)
+    # isfinite of the stacked sums, not a chain of ``&``: XLA copies a chain of scalar ops into
+    # every fusion that reads its result, and the skip mode's selects read it once per leaf (a
+    # 30-layer MLP with Adam compiled 143k lines of HLO in 10 s; stacked, 7k in 0.6 s)
+    return jnp.all(jnp.isfinite(jnp.stack(sums)))
 
 
 def grad_norms(model, grads, with_weights: list[int]) -> Array:
@@ -96,9 +98,11 @@ def full(grads, new_params, new_opt_state, with_params: list[int]) -> dict:
     }
 
 
-def step_ok(loss, flags: dict) -> Array:
-    """Whether a step's loss and every one of its :func:`full` flags are finite."""
-    return jnp.isfinite(loss) & jnp.all(jnp.stack([f.all() for f in flags.values()]))
+def step_ok(loss, grads, new_params, new_opt_state) -> Array:
+    """Whether a step's loss, gradient, updated params and new optimizer state are all finite:
+    :func:`finite` of them together (one stack of sums: the skip mode's selects read it once
+    per leaf)."""
+    return finite((loss, grads, new_params, new_opt_state))
 
 
 def all_finite(params, state, opt_state) -> Array:

@@ -175,8 +175,8 @@ def _step_fn(model, optimizer, grads, l2, compute_dtype=None, skip_nonfinite=Fal
     metrics)``, for every model (an MLP's state and key are ``None``).
 
     ``metrics``: ``"loss"``, ``"norms"`` or ``"full"`` (:mod:`fnbp.guard`). With
-    ``skip_nonfinite`` the step computes the ``"full"`` flags to decide (and reports
-    ``metrics["skipped"]``), whatever ``metrics`` says.
+    ``skip_nonfinite`` the step decides by :func:`fnbp.guard.step_ok` and reports
+    ``metrics["skipped"]``.
 
     ``instruments``: ``None`` (none), or K: ``metrics["instruments"]`` holds
     :func:`fnbp.instruments.training.step_stats` of this step when ``s`` (the step's index in
@@ -235,13 +235,12 @@ def _step_fn(model, optimizer, grads, l2, compute_dtype=None, skip_nonfinite=Fal
         out_metrics = {"loss": loss}
         if metrics != "loss":
             out_metrics["grad_norms"] = _guard.grad_norms(model, g, with_weights)
-        if metrics == "full" or skip_nonfinite:
-            flags = _guard.full(g, new_params, new_opt_state, with_params)
-            out_metrics.update(flags if metrics == "full" else {})
+        if metrics == "full":
+            out_metrics.update(_guard.full(g, new_params, new_opt_state, with_params))
         if dp is not None:
             out_metrics["dp_clipped"] = clipped
         if skip_nonfinite:  # keep the old state unless loss, grads, params, opt state are finite
-            ok = _guard.step_ok(loss, flags)
+            ok = _guard.step_ok(loss, g, new_params, new_opt_state)
             new_params, new_state, new_opt_state = jax.tree.map(
                 lambda new, old: jnp.where(ok, new, old),
                 (new_params, new_state, new_opt_state),
