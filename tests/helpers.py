@@ -1,9 +1,11 @@
 """Shared test helpers: random data that fits a model, random architectures (MLPs and Nets of
-every layer kind, with perturbed params and state), faulty layer kinds, IDX files."""
+every layer kind, with perturbed params and state), faulty layer kinds, IDX files, the
+environment of a subprocess with forced CPU devices."""
 
 import dataclasses
 import gzip
 import math
+import os
 import struct
 
 import jax
@@ -28,6 +30,15 @@ from fnbp.layers import (
     Residual,
 )
 from fnbp.losses import LOSSES
+
+
+def forced_devices_flags(devices: int, flags: str | None = None) -> str:
+    """``XLA_FLAGS`` for a fresh process with ``devices`` forced CPU devices: this process's own
+    flags (``flags``, default ``$XLA_FLAGS``, e.g. the optimization level scripts/test.sh sets)
+    with the device count added or replaced."""
+    flags = os.environ.get("XLA_FLAGS", "") if flags is None else flags
+    kept = [f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join([*kept, f"--xla_force_host_platform_device_count={devices}"])
 
 
 def random_data(key, model, batch, dtype=jnp.float32):

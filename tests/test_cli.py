@@ -17,6 +17,7 @@ import chex
 import jax
 import numpy as np
 import pytest
+from helpers import forced_devices_flags
 
 import fnbp
 from fnbp.cli import main
@@ -62,7 +63,14 @@ def _arrays(run_dir):
 def test_train_writes_config_metrics_and_params(runs):
     rc, out, run = runs["manual"]
     assert rc == 0
-    names = ["checkpoints", "config.json", "metrics.jsonl", "params.npz", "report.md", "training.png"]
+    names = [
+        "checkpoints",
+        "config.json",
+        "metrics.jsonl",
+        "params.npz",
+        "report.md",
+        "training.png",
+    ]
     assert sorted(p.name for p in run.iterdir()) == names
     # one checkpoint per epoch (44 steps of 32), the newest two kept
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(
@@ -98,7 +106,9 @@ def test_train_report_shows_the_command_final_metrics_curves_and_config(runs):
     assert report.startswith(f"# fnbp train: manual\n\n```\nfnbp train {' '.join(SMALL)}")
     assert "Finished: 3 of 3 epochs, 132 steps; the params are in params.npz." in report
     assert f"| test accuracy | {records[-1]['test_accuracy']:.6g} |" in report
-    assert f"| train loss (mean over the epoch's steps) | {records[-1]['train_loss']:.6g} |" in report
+    assert (
+        f"| train loss (mean over the epoch's steps) | {records[-1]['train_loss']:.6g} |" in report
+    )
     g0, g2 = records[0]["grad_norms"], records[2]["grad_norms"]
     assert f"| layer 1 (dense) | {g0[0]:.4g} | {g2[0]:.4g} |" in report
     assert f"| layer 2 (dense) | {g0[1]:.4g} | {g2[1]:.4g} |" in report
@@ -804,7 +814,7 @@ print(json.dumps(out))
 
 
 def test_devices_splits_batches_over_4_cpu_devices_and_refuses_what_does_not_fit(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(os.environ, XLA_FLAGS=forced_devices_flags(4))
     result = subprocess.run(
         [sys.executable, "-c", _DEVICES, str(tmp_path)], env=env, capture_output=True,
         text=True, timeout=300,

@@ -17,6 +17,7 @@ from pathlib import Path
 import chex
 import numpy as np
 import pytest
+from helpers import forced_devices_flags
 
 from fnbp import distributed
 from fnbp.cli import main
@@ -239,7 +240,7 @@ def _env(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in distributed.ENV_VARS.values() and not k.startswith(("SLURM_", "OMPI_"))}  # fmt: skip
     return {**env, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **extra}  # fmt: skip
+            "XLA_FLAGS": forced_devices_flags(devices), **extra}  # fmt: skip
 
 
 def _start(commands: list[tuple[list[str], dict]], logs: Path) -> list[subprocess.Popen]:

@@ -326,7 +326,9 @@ def test_train_report_of_a_finished_run_has_command_status_metrics_figure_and_co
 
 
 def test_train_report_of_an_interrupted_run_says_how_far_it_got_and_how_to_resume(tmp_path):
-    run = _run_folder(tmp_path / "run", records=RECORDS[:2], finished=False, tail='{"epoch": 3, "st')
+    run = _run_folder(
+        tmp_path / "run", records=RECORDS[:2], finished=False, tail='{"epoch": 3, "st'
+    )
     text = report.train_report(run).read_text()
     assert (
         f"Not finished: 2 of 3 epochs recorded (20 steps) and no params.npz: the run was "
@@ -354,7 +356,9 @@ def test_train_report_names_a_nets_weight_layers_and_its_early_stopping_epoch(tm
     for row in ["| layer 1 (dense) | 0.75 | 0.0625 |", "| layer 3 (residual) | 0.5 | 0.03125 |",
                 "| layer 4 (dense) | 1 | 1 |"]:  # fmt: skip
         assert row in text, row
-    assert "Finished: early stopping ran 3 of 3 epochs (30 steps); params.npz holds epoch 2's" in text
+    assert (
+        "Finished: early stopping ran 3 of 3 epochs (30 steps); params.npz holds epoch 2's" in text
+    )
     assert "| test accuracy, epoch 2 (the params kept) | 0.625 |" in text
     assert "The net: 4 layers (1 dense, 2 batch_norm, 3 residual, 4 dense)." in text
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import forced_devices_flags
 
 import fnbp
 from fnbp import data, train
@@ -794,7 +795,7 @@ print(json.dumps(out))
 
 
 def test_data_parallel_fit_on_4_devices_matches_one_device(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(os.environ, XLA_FLAGS=forced_devices_flags(4))
     result = subprocess.run(
         [sys.executable, "-c", _DATA_PARALLEL], env=env, capture_output=True, text=True,
         timeout=300,
@@ -1026,7 +1027,7 @@ print(json.dumps(out))
 def test_a_nets_data_parallel_fit_on_4_devices_matches_one_device():
     """BatchNorm's statistics are those of the global batch of 16 (not of each device's 4),
     and the dropout masks those one device draws (partitionable threefry)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(os.environ, XLA_FLAGS=forced_devices_flags(4))
     result = subprocess.run(
         [sys.executable, "-c", _NET_DATA_PARALLEL], env=env, capture_output=True, text=True,
         timeout=300,
