@@ -99,3 +99,21 @@ def test_check_metrics_names_the_choices():
     assert guard.check_metrics("full") == "full"
     with pytest.raises(ValueError, match=r"metrics must be one of \('loss', 'norms', 'full'\)"):
         fnbp.make_train_step(MODEL, optax.sgd(0.1), metrics="all")
+
+
+def test_the_skip_steps_predicate_is_computed_once_not_copied_into_every_select():
+    """The skip mode selects every leaf of the params and optimizer state on one predicate, an
+    isfinite per leaf. Built as a chain of ``&`` XLA copied the whole chain into each select's
+    fusion: O(leaves²) code (this net, 30 layers with Adam: 143k lines of optimized HLO against
+    8.7k for the ``"full"`` metrics step; now 10k). The predicate is one stacked check."""
+    model = fnbp.MLP((8,) + (8,) * 29 + (3,))
+    params = fnbp.init_params(jax.random.key(0), model)
+    opt = optax.adam(1e-3)
+    x, y = jnp.zeros((4, 8)), jnp.zeros((4,), jnp.int32)
+
+    def hlo_lines(**kwargs):
+        step = fnbp.make_train_step(model, opt, **kwargs)
+        return step.lower(params, opt.init(params), x, y).compile().as_text().count("\n")
+
+    skip, full = hlo_lines(skip_nonfinite=True, metrics="loss"), hlo_lines(metrics="full")
+    assert skip < 1.5 * full, (skip, full)
