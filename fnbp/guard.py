@@ -59,7 +59,7 @@ def finite(tree) -> Array:
         return jnp.asarray(True)
     # isfinite of the stacked sums, not a chain of ``&``: XLA copies a chain of scalar ops into
     # every fusion that reads its result, and the skip mode's selects read it once per leaf (a
-    # 30-layer MLP with Adam compiled 143k lines of HLO in 10 s; stacked, 7k in 0.6 s)
+    # 30-layer MLP with Adam compiled 143k lines of HLO in 10 s; stacked, 12k in 1.1 s)
     return jnp.all(jnp.isfinite(jnp.stack(sums)))
 
 

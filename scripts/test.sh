@@ -9,11 +9,12 @@
 #
 # XLA compiles at LLVM optimization level 0 (FNBP_TEST_XLA_OPT, default 0; 2 is XLA's own
 # default): the suite's programs are small and run once or a few times, so compiling them is most
-# of its time, and level 0 cuts that by about a third (tests/test_backprop.py: 96 s -> 66 s)
-# without changing a result: the HLO passes (fusion, layout, algebraic simplification) still
-# run, only LLVM's machine-code optimizations are skipped. Timings belong to scripts/bench.py,
-# which runs at XLA's defaults. Subprocesses inherit the flag (tests that force CPU devices add
-# to it: tests/helpers.py forced_devices_flags).
+# of its time, and level 0 cuts that by about a third (tests/test_backprop.py: 96 s -> 66 s).
+# The HLO passes (fusion, layout, algebraic simplification) still run, only LLVM's machine-code
+# optimizations are skipped; results can differ in float rounding only, within every test's
+# tolerance (the docs pages' examples, which print rounding noise, run at XLA's default level).
+# Timings belong to scripts/bench.py, which runs at XLA's defaults. Subprocesses inherit the
+# flag (tests that force CPU devices add to it: tests/helpers.py xla_flags).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev

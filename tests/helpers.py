@@ -32,13 +32,17 @@ from fnbp.layers import (
 from fnbp.losses import LOSSES
 
 
-def forced_devices_flags(devices: int, flags: str | None = None) -> str:
-    """``XLA_FLAGS`` for a fresh process with ``devices`` forced CPU devices: this process's own
-    flags (``flags``, default ``$XLA_FLAGS``, e.g. the optimization level scripts/test.sh sets)
-    with the device count added or replaced."""
-    flags = os.environ.get("XLA_FLAGS", "") if flags is None else flags
-    kept = [f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count")]
-    return " ".join([*kept, f"--xla_force_host_platform_device_count={devices}"])
+def xla_flags(drop: str, add: str = "") -> str:
+    """``XLA_FLAGS`` for a fresh process: this process's own (e.g. the optimization level
+    scripts/test.sh sets) without those starting with ``drop``, then ``add``."""
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(drop)]
+    return " ".join([*kept, add]).strip()
+
+
+def forced_devices_flags(devices: int) -> str:
+    """``XLA_FLAGS`` for a fresh process with ``devices`` forced CPU devices."""
+    flag = "--xla_force_host_platform_device_count"
+    return xla_flags(drop=flag, add=f"{flag}={devices}")
 
 
 def random_data(key, model, batch, dtype=jnp.float32):

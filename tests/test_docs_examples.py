@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import xla_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -96,9 +97,8 @@ def test_the_examples_of_a_page_run_and_print_what_it_claims(path, tmp_path):
     (tmp_path / "examples.py").write_text(script)
     # XLA at its default optimization level, as a reader runs the page (scripts/test.sh lowers
     # it): the rounding noise the pages print (finite differences' errors) depends on it
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_backend_optimization_level")]  # fmt: skip
-    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONPATH": str(ROOT), "XLA_FLAGS": " ".join(flags)}
+    flags = xla_flags(drop="--xla_backend_optimization_level")
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONPATH": str(ROOT), "XLA_FLAGS": flags}
     done = subprocess.run([sys.executable, "examples.py"], cwd=tmp_path, capture_output=True,
                           text=True, env=env, timeout=600)  # fmt: skip
     printed = done.stdout.split(SEPARATOR + " ")[1:]
