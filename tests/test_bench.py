@@ -31,6 +31,16 @@ def _positive(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
 
 
+def _assert_control_and_ops(r):
+    """The A/A control (the hand-written step over itself built twice) and the op counts of
+    the manual and Flax programs, in every ratio row that has a Flax peer."""
+    a = r["same_step"]
+    assert _positive(a["ratio"]) and a["paired_iqr"][0] <= a["ratio"] <= a["paired_iqr"][1], r
+    assert a["cpu_paired_iqr"][0] <= a["cpu_ratio"] <= a["cpu_paired_iqr"][1], r
+    for hlo in (r["manual_hlo"], r["flax_hlo"]):  # every step has fusions and matmuls
+        assert hlo["fusion"] > 0 and hlo["dot"] + hlo["convolution"] > 0, r
+
+
 def test_bench_quick_writes_every_section_with_positive_numbers(tmp_path):
     out = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--out", str(tmp_path)],
@@ -45,6 +55,9 @@ def test_bench_quick_writes_every_section_with_positive_numbers(tmp_path):
     for section in (*sections, "sweep", "per_example"):
         assert section in result, section
     assert {"crosscheck", "targets", "notes"} <= set(result)
+    assert "fnbp manual (again)" not in {
+        s["impl"] for s in result["train_step"] + result["net_steps"]
+    }
     meta = result["meta"]
     assert meta["quick"] is True and meta["device"] and meta["jax_version"] == jax.__version__
     assert meta["date"] and "git_commit" in meta
@@ -65,6 +78,7 @@ def test_bench_quick_writes_every_section_with_positive_numbers(tmp_path):
         f = r["vs_flax"]  # the hand-written step against Flax's, paired per round
         assert f["paired_iqr"][0] <= f["ratio"] <= f["paired_iqr"][1] and _positive(f["cpu_ratio"])
         assert _positive(r["manual_peak_bytes"]) and _positive(r["autodiff_peak_bytes"])
+        _assert_control_and_ops(r)
 
     net_rows = [s for s in result["net_steps"] if s.get("median_ms") is not None]
     for name in NETS:
@@ -84,6 +98,8 @@ def test_bench_quick_writes_every_section_with_positive_numbers(tmp_path):
         assert (
             r["vs_flax"]["paired_iqr"][0] <= r["vs_flax"]["ratio"] <= r["vs_flax"]["paired_iqr"][1]
         )
+        _assert_control_and_ops(r)
+        assert (r["flax_hlo"]["convolution"] > 0) == cnn, r
 
     sweep = result["sweep"]
     for method in (

@@ -3,6 +3,7 @@ MLP cases and a runner for a jitted JAX step."""
 
 from __future__ import annotations
 
+import re
 import statistics
 import sys
 import time
@@ -111,6 +112,16 @@ def vs_flax(times: dict, cpu: dict) -> dict:
     )
 
 
+AGAIN = "fnbp manual (again)"  # the hand-written step built a second time: the A/A control
+
+
+def same_step(times: dict, cpu: dict) -> dict:
+    """:func:`paired` and :func:`paired_cpu` of the hand-written step over itself built and
+    compiled a second time (:data:`AGAIN`), timed in the same rounds: an A/A control, whose
+    distance from 1 is what this machine's noise alone does to a ratio of two equal steps."""
+    return paired(times["fnbp manual"], times[AGAIN]) | paired_cpu(cpu, "fnbp manual", AGAIN)
+
+
 def paired(numerator: list[float], denominator: list[float]) -> dict:
     """The ratio of two runners timed in the same rounds: the median of the per-round ratios
     (robust to other processes slowing the machine between rounds), the ratio of the two
@@ -131,6 +142,14 @@ def mlp_case(sizes, batch):
     x = jax.random.normal(jax.random.key(1), (batch, sizes[0]), jnp.float32)
     y = jax.random.randint(jax.random.key(2), (batch,), 0, sizes[-1])
     return model, params, x, y
+
+
+def hlo_counts(compiled) -> dict:
+    """Ops of a compiled program by opcode (fusions, copies, transposes, convolutions, dots,
+    top level and inside fusions alike): where two steps differ, this says how."""
+    text = compiled.as_text()
+    ops = re.findall(r"= \S+ (fusion|copy|transpose|convolution|dot)\(", text)
+    return {op: ops.count(op) for op in ("fusion", "copy", "transpose", "convolution", "dot")}
 
 
 def jax_runner(step, *carry_and_inputs, n_carry: int) -> dict:

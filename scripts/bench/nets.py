@@ -18,7 +18,6 @@ The nets (float32, random inputs of the net's input shape, random labels):
 
 from __future__ import annotations
 
-import re
 import statistics
 
 import jax
@@ -27,13 +26,16 @@ import optax
 
 import fnbp
 from bench.common import (
+    AGAIN,
     LR,
     MOMENTUM,
+    hlo_counts,
     interleaved,
     jax_runner,
     log,
     paired,
     paired_cpu,
+    same_step,
     vs_flax,
 )
 from fnbp import presets
@@ -49,6 +51,12 @@ def digits_cnn() -> fnbp.Net:
         Conv(32, (3, 3), activation="relu"), MaxPool((2, 2)),
         Flatten(), Dense(10),
     ])  # fmt: skip
+
+
+def toy_cnn() -> fnbp.Net:
+    """One small convolution on the digits' 8×8 images: a net for ``--quick``'s code paths."""
+    return fnbp.Net(64, [Reshape((8, 8, 1)), Conv(4, (3, 3), activation="relu"), Flatten(),
+                         Dense(10)])  # fmt: skip
 
 
 def mnist1d_cnn() -> fnbp.Net:
@@ -77,14 +85,6 @@ def _inputs(net, batch):
     x = jax.random.normal(jax.random.key(1), (batch, *net.input_shape), jnp.float32)
     y = jax.random.randint(jax.random.key(2), (batch,), 0, net.output_size)
     return params, fnbp.init_state(net), x, y
-
-
-def hlo_counts(compiled) -> dict:
-    """Ops of a compiled program by opcode (fusions, copies, transposes, convolutions, dots,
-    top level and inside fusions alike): where two steps differ, this says how."""
-    text = compiled.as_text()
-    ops = re.findall(r"= \S+ (fusion|copy|transpose|convolution|dot)\(", text)
-    return {op: ops.count(op) for op in ("fusion", "copy", "transpose", "convolution", "dot")}
 
 
 def make_fnbp_net(case, grads) -> dict:
@@ -123,13 +123,16 @@ def make_flax_net(case) -> dict:
 
 def net_step_section(args) -> tuple[list[dict], list[dict]]:
     """``(rows, ratios)``: a row per net and implementation, and each net's manual/autodiff
-    ratio (:func:`bench.common.paired`) with both steps' peak memory and op counts."""
+    ratio (:func:`bench.common.paired`) with both steps' peak memory and op counts, the A/A
+    control (``same_step``: :func:`bench.common.same_step`) and, where Flax runs, the
+    manual/Flax ratio and the Flax program's op counts."""
     rows, ratios = [], []
     for case in net_cases(args.quick):
         net, name, batch = case["net"], case["name"], case["batch"]
         log(f"net train step: {name}, batch {batch}, {net.num_params} params")
         runners = {
             "fnbp manual": make_fnbp_net(case, "manual"),
+            AGAIN: make_fnbp_net(case, "manual"),
             "fnbp autodiff": make_fnbp_net(case, "autodiff"),
         }
         notes = {}
@@ -142,6 +145,8 @@ def net_step_section(args) -> tuple[list[dict], list[dict]]:
         row = {"net": name, "layers": net.to_json(), "batch": batch, "dtype": "float32",
                "optimizer": case["optimizer"][1], "num_params": net.num_params}  # fmt: skip
         for impl, ts in times.items():
+            if impl == AGAIN:  # a control for the ratios, not an implementation
+                continue
             t = statistics.median(ts)
             rows.append(
                 row
@@ -163,9 +168,13 @@ def net_step_section(args) -> tuple[list[dict], list[dict]]:
             | paired_cpu(cpu, "fnbp manual", "fnbp autodiff")
             | {"manual_peak_bytes": m["peak_bytes"], "autodiff_peak_bytes": a["peak_bytes"]}
             | {"manual_hlo": m["hlo"], "autodiff_hlo": a["hlo"]}
-            | ({"vs_flax": vs_flax(times, cpu)} if "flax + optax" in times else {})
-        )
+            | {"same_step": same_step(times, cpu)}
+            | ({"vs_flax": vs_flax(times, cpu),
+                "flax_hlo": hlo_counts(runners["flax + optax"]["compiled"])}
+               if "flax + optax" in times else {})
+        )  # fmt: skip
         log(f"  manual/autodiff {ratios[-1]['ratio']:.3f} (per-round IQR "
-            f"{ratios[-1]['paired_iqr'][0]:.3f}–{ratios[-1]['paired_iqr'][1]:.3f})")  # fmt: skip
+            f"{ratios[-1]['paired_iqr'][0]:.3f}–{ratios[-1]['paired_iqr'][1]:.3f}); the same "
+            f"step built twice (A/A) {ratios[-1]['same_step']['ratio']:.3f}")  # fmt: skip
         del runners
     return rows, ratios

@@ -104,19 +104,41 @@ def _train_steps(result) -> list[str]:
     ]
 
 
+OPS = ("fusion", "copy", "transpose", "convolution", "dot")
+
+
+def _ops(counts: dict) -> str:
+    return " / ".join(str(counts[k]) for k in OPS)
+
+
 def _vs_flax(ratios, label) -> list[str]:
-    """The hand-written step against the Flax + Optax peer, paired per round."""
+    """The hand-written step against the Flax + Optax peer, paired per round, beside the A/A
+    control (the hand-written step over itself built a second time, in the same rounds)."""
     rows = [[label(r), f"{r['vs_flax']['ratio']:.3f}", f"{r['vs_flax']['ratio_of_medians']:.3f}",
-             _iqr(r["vs_flax"]), _cpu(r["vs_flax"])]
+             _iqr(r["vs_flax"]), _cpu(r["vs_flax"]),
+             f"{r['same_step']['ratio']:.3f} ({_iqr(r['same_step'])})",
+             f"{_ops(r['manual_hlo'])} vs {_ops(r['flax_hlo'])}"]
             for r in ratios if "vs_flax" in r]  # fmt: skip
     if not rows:
         return []
     return [
         "fnbp's hand-written step over the Flax + Optax step, paired per round the same way "
-        "(both report only the loss):",
+        "(both report only the loss); A/A: the hand-written step over itself, built and "
+        "compiled a second time and timed in the same rounds, i.e. how far from 1 this "
+        "machine's noise alone moves a ratio of two equal steps; ops: the compiled programs' "
+        "op counts, manual vs Flax (" + ", ".join(OPS) + "):",
         "",
         markdown_table(
-            ["case", "manual/Flax", "ratio of medians", "per-round IQR", "CPU time (IQR)"], rows
+            [
+                "case",
+                "manual/Flax",
+                "ratio of medians",
+                "per-round IQR",
+                "CPU time (IQR)",
+                "A/A (IQR)",
+                "ops",
+            ],
+            rows,
         ),  # fmt: skip
         "",
     ]
@@ -131,7 +153,6 @@ def _net_steps(result) -> list[str]:
             continue
         rows.append([case, s["impl"], f"{s['median_ms']:.4g}", f"{s['compile_s']:.2f}",
                      _mib(s["peak_bytes"])])  # fmt: skip
-    ops = ("fusion", "copy", "transpose", "convolution", "dot")
     return [
         "## Train step of nets (float32, softmax cross-entropy)",
         "",
@@ -147,7 +168,7 @@ def _net_steps(result) -> list[str]:
         markdown_table(["net", "implementation", "ms/step", "first call s", "peak memory"], rows),
         "",
         "manual/autodiff step-time ratio (paired per round, as above), and the compiled "
-        "programs' op counts, manual vs autodiff (" + ", ".join(ops) + "):",
+        "programs' op counts, manual vs autodiff (" + ", ".join(OPS) + "):",
         "",
         markdown_table(
             [
@@ -166,8 +187,8 @@ def _net_steps(result) -> list[str]:
                     f"{r['ratio_of_medians']:.3f}",
                     _iqr(r),
                     _cpu(r),
-                    " / ".join(str(r["manual_hlo"][k]) for k in ops),
-                    " / ".join(str(r["autodiff_hlo"][k]) for k in ops),
+                    _ops(r["manual_hlo"]),
+                    _ops(r["autodiff_hlo"]),
                 ]
                 for r in result["net_ratios"]
             ],

@@ -162,7 +162,10 @@ def _crosscheck_targets(cc: dict) -> list[dict]:
     return t
 
 
-def _ratio_note(t: dict, r: dict, why: str) -> str:
+def _ratio_note(t: dict, r: dict, why: str, control: dict | None = None) -> str:
+    """Why a ratio target was missed: where the ratio lies against its own per-round spread,
+    the CPU-time ratio, ``why``, and, with ``control`` (the case's A/A ratio,
+    :func:`bench.common.same_step`), how far noise alone moved two equal steps apart."""
     spread = (
         "inside the spread of the paired per-repeat ratios, i.e. within this run's noise"
         if r["paired_iqr"][0] <= 1.0
@@ -170,12 +173,19 @@ def _ratio_note(t: dict, r: dict, why: str) -> str:
     )
     lo, hi = r["cpu_paired_iqr"]
     cpu = f"The same rounds' CPU-time ratio: {r['cpu_ratio']:.3f} (IQR {lo:.3f}–{hi:.3f})."
-    return f"{t['target']}: missed at {t['measured']}, {spread}. {cpu} {why}"
+    note = f"{t['target']}: missed at {t['measured']}, {spread}. {cpu} {why}"
+    if control is not None:
+        a, (alo, ahi) = control["ratio"], control["paired_iqr"]
+        noise = max(abs(a - 1), ahi - alo)
+        size = "no larger than" if r["ratio"] - 1 <= noise else "larger than"
+        note += (f" The A/A control (the hand-written step over itself, built twice, in the "
+                 f"same rounds): {a:.3f} (IQR {alo:.3f}–{ahi:.3f}); the gap is {size} what "
+                 "noise alone does here.")  # fmt: skip
+    return note
 
 
-def _hlo_diff(r: dict) -> str:
-    m, a = r["manual_hlo"], r["autodiff_hlo"]
-    return ", ".join(f"{m[k]} vs {a[k]} {k}s" for k in m)
+def _ops_diff(m: dict, other: dict) -> str:
+    return ", ".join(f"{m[k]} vs {other[k]} {k}s" for k in m)
 
 
 def closing_notes(result, on_gpu: bool) -> list[str]:
@@ -193,9 +203,9 @@ def closing_notes(result, on_gpu: bool) -> list[str]:
         )
     mlp = {f"manual/autodiff step time ≤ 1.00: {_mlp_what(r)}": r for r in result["ratios"]}
     nets = {f"manual/autodiff step time ≤ 1.00: {_net_what(r)}": r for r in result["net_ratios"]}
-    flax = {f"manual/Flax step time ≤ 1.00: {_mlp_what(r)}": r["vs_flax"]
+    flax = {f"manual/Flax step time ≤ 1.00: {_mlp_what(r)}": r
             for r in result["ratios"] if "vs_flax" in r}  # fmt: skip
-    flax |= {f"manual/Flax step time ≤ 1.00: {_net_what(r)}": r["vs_flax"]
+    flax |= {f"manual/Flax step time ≤ 1.00: {_net_what(r)}": r
              for r in result["net_ratios"] if "vs_flax" in r}  # fmt: skip
     for t in result["targets"]:
         if t["met"] is not False:
@@ -203,16 +213,19 @@ def closing_notes(result, on_gpu: bool) -> list[str]:
         if t["target"] in mlp:
             notes.append(_ratio_note(t, mlp[t["target"]], (
                 "The two steps compile to the same matmuls and nearly the same fusions (the "
-                "hand-written one has fewer and a smaller temporary buffer).")))  # fmt: skip
+                "hand-written one has fewer and a smaller temporary buffer)."),
+                mlp[t["target"]]["same_step"]))  # fmt: skip
         elif t["target"] in flax:
-            notes.append(_ratio_note(t, flax[t["target"]], (
-                "Both steps run the same matmuls (a weight gradient Σδaᵀ of fnbp's (out, in) W "
-                "against aᵀδ of Flax's (in, out) kernel) and report only the loss.")))  # fmt: skip
+            r = flax[t["target"]]
+            notes.append(_ratio_note(t, r["vs_flax"], (
+                f"Compiled programs, manual vs Flax: {_ops_diff(r['manual_hlo'], r['flax_hlo'])};"
+                " both report only the loss."), r["same_step"]))  # fmt: skip
         elif t["target"] in nets:
             r = nets[t["target"]]
             notes.append(_ratio_note(t, r, (
-                f"Compiled programs, manual vs autodiff: {_hlo_diff(r)}; peak memory "
-                f"{r['manual_peak_bytes'] / 2**20:.2f} vs {r['autodiff_peak_bytes'] / 2**20:.2f} MiB.")))  # fmt: skip
+                f"Compiled programs, manual vs autodiff: {_ops_diff(r['manual_hlo'], r['autodiff_hlo'])}; peak memory "
+                f"{r['manual_peak_bytes'] / 2**20:.2f} vs {r['autodiff_peak_bytes'] / 2**20:.2f} MiB."),
+                r["same_step"]))  # fmt: skip
         elif t["target"].startswith("per-example"):
             notes.append(
                 f"{t['target']}: missed at {t['measured']}. Both compile to the same program "

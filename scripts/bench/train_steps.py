@@ -1,6 +1,9 @@
 """MLP train steps: fnbp ``grads="manual"`` and ``grads="autodiff"`` beside a Flax Linen
 ``Dense`` stack with Optax (here) and PyTorch (:mod:`bench.torch_peer`, its own process), the
-same ReLU MLP, batch and optimizer (SGD, momentum 0.9)."""
+same ReLU MLP, batch and optimizer (SGD, momentum 0.9).
+
+A section of ``scripts/bench.py``; alone: ``cd scripts && ../.venv/bin/python -m
+bench.train_steps [--configs small,medium]`` prints each case's ratios as JSON."""
 
 from __future__ import annotations
 
@@ -13,15 +16,18 @@ import optax
 
 import fnbp
 from bench.common import (
+    AGAIN,
     LR,
     MOMENTUM,
     case_label,
+    hlo_counts,
     interleaved,
     jax_runner,
     log,
     mlp_case,
     paired,
     paired_cpu,
+    same_step,
     vs_flax,
     weights,
 )
@@ -73,7 +79,9 @@ def make_flax(sizes, batch, dtype):
 def train_step_section(cases, torch_results, args, ceilings) -> tuple[list[dict], list[dict]]:
     """``(rows, ratios)``: a row per case and implementation, and the manual/autodiff ratio of
     each case (:func:`bench.common.paired`, with both steps' peak memory) with the manual/Flax
-    one (``vs_flax``: :func:`bench.common.vs_flax`).
+    one (``vs_flax``: :func:`bench.common.vs_flax`), the A/A control (``same_step``:
+    :func:`bench.common.same_step`) and the op counts of the manual and Flax programs
+    (:func:`bench.common.hlo_counts`).
 
     JAX implementations are timed here, interleaved with each other; PyTorch's come from
     :func:`bench.torch_peer.torch_worker` (its own process: with torch loaded, its OpenMP
@@ -85,6 +93,7 @@ def train_step_section(cases, torch_results, args, ceilings) -> tuple[list[dict]
         log(f"train step: {label}")
         runners = {
             "fnbp manual": make_fnbp(sizes, batch, dtype, "manual"),
+            AGAIN: make_fnbp(sizes, batch, dtype, "manual"),
             "fnbp autodiff": make_fnbp(sizes, batch, dtype, "autodiff"),
             "flax + optax": make_flax(sizes, batch, dtype),
         }
@@ -101,6 +110,8 @@ def train_step_section(cases, torch_results, args, ceilings) -> tuple[list[dict]
         case = {"config": config, "sizes": list(sizes), "batch": batch, "dtype": dtype}
         flops = 6 * weights(sizes) * batch
         for impl, ts in times.items():
+            if impl == AGAIN:  # a control for the ratios, not an implementation
+                continue
             t = statistics.median(ts)
             rows.append(
                 case
@@ -125,7 +136,32 @@ def train_step_section(cases, torch_results, args, ceilings) -> tuple[list[dict]
                 "manual_peak_bytes": peak["fnbp manual"],
                 "autodiff_peak_bytes": peak["fnbp autodiff"],
                 "vs_flax": vs_flax(times, cpu),
+                "same_step": same_step(times, cpu),
+                "manual_hlo": hlo_counts(runners["fnbp manual"]["compiled"]),
+                "flax_hlo": hlo_counts(runners["flax + optax"]["compiled"]),
             }
         )
+        log(f"  manual/Flax {ratios[-1]['vs_flax']['ratio']:.3f}; the same step built twice "
+            f"(A/A) {ratios[-1]['same_step']['ratio']:.3f}")  # fmt: skip
         del runners
     return rows, ratios
+
+
+if __name__ == "__main__":  # the section alone, e.g. pinned to one core with taskset -c 0
+    import argparse
+    import json
+
+    from bench.ceiling import matmul_ceiling
+    from bench.common import CONFIGS, GPU_ONLY
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", default="small", help="comma list of small, medium, large")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--target-s", type=float, default=0.15)
+    args = p.parse_args()
+    names = [
+        n for n in args.configs.split(",") if jax.default_backend() == "gpu" or n not in GPU_ONLY
+    ]
+    cases = [(n, CONFIGS[n][0], b, "float32") for n in names for b in CONFIGS[n][1]]
+    ceilings = {"float32": matmul_ceiling("float32", (1024,), 3)}
+    print(json.dumps(train_step_section(cases, None, args, ceilings)[1], indent=1))
