@@ -2,8 +2,6 @@
 dtypes under mixed precision, the activation-only layer, and the MLP's init bit for bit the
 frozen init of before the engine (``tests/oracles.py``)."""
 
-import re
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -99,51 +97,3 @@ def test_mlp_init_params_is_bitwise_the_frozen_old_init(model, scheme, dtype):
     chex.assert_trees_all_equal(new, old)
     chex.assert_trees_all_equal(from_net, new)
     chex.assert_trees_all_equal_shapes_and_dtypes(new, old)
-
-
-# ----------------------------------------------------------------------------------------------
-# Σₙ δaᵀ in the form XLA:CPU runs fastest: laid out alone, the plain dot under vmap
-
-
-def _outer_sum_cases():
-    rng = np.random.default_rng(4)
-    d, a = rng.standard_normal((3, 6, 5)), rng.standard_normal((3, 6, 4))  # (P, batch, ·)
-    return d, a, np.einsum("pbo,pbi->poi", d, a)  # NumPy's Σₙ δₙaₙᵀ of each member
-
-
-def test_outer_sum_alone_under_vmap_and_nested_vmap_equals_numpy(x64):
-    from fnbp.layers.dense import _outer_sum
-
-    d, a, want = _outer_sum_cases()
-    f = _outer_sum(jnp.float64)
-    got = {
-        "alone": jnp.stack([jax.jit(f)(d[p], a[p]) for p in range(3)]),
-        "vmap": jax.jit(jax.vmap(f))(d, a),
-        "vmap, a shared": jax.vmap(f, in_axes=(0, None))(d, a[0]),
-        "nested vmap": jax.vmap(jax.vmap(f))(d[None], a[None])[0],
-    }
-    shared = np.einsum("pbo,bi->poi", d, a[0])
-    for name, g in got.items():
-        assert_rel_close(g, shared if name == "vmap, a shared" else want, 1e-13, name)
-    # forward mode goes through the batching rule's switch; it is linear in δ
-    _, tangent = jax.jvp(f, (d[0], a[0]), (d[1], np.zeros_like(a[0])))
-    assert_rel_close(tangent, d[1].T @ a[0], 1e-13, "jvp")
-
-
-def test_outer_sum_alone_is_a_dot_of_a_laid_out_transpose_on_cpu_and_plain_under_vmap():
-    from fnbp.layers.dense import _outer_sum
-
-    cpu = jax.devices("cpu")[0]  # committed inputs: compiled for XLA:CPU on any machine
-    d, a = (jax.device_put(jnp.ones(s), cpu) for s in ((2, 128, 64), (2, 128, 32)))
-    f = _outer_sum(jnp.float32)
-
-    def entry(fn, *args):  # the compiled program's top level, without the metadata
-        text = jax.jit(fn).lower(*args).compile().as_text()
-        return re.sub(r"metadata=\{[^}]*\}", "", text[text.index("ENTRY") :])
-
-    alone, batched = entry(f, d[0], a[0]), entry(jax.vmap(f), d, a)
-    # alone: δᵀ written out (a transpose fusion), then a dot contracting its last axis, never
-    # the transposed-operand dot (both operands' axis 0) that XLA:CPU hands to Eigen
-    assert "transpose" in alone and "lhs_contracting_dims={0}" not in alone
-    # under vmap: the batched dot of δ and a as they are, no transpose
-    assert "transpose" not in batched and "lhs_contracting_dims={1}" in batched

@@ -8,8 +8,6 @@ Forward ``z = a Wᵀ + b`` for a batch of rows ``a`` of shape ``(batch, fan_in)`
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,41 +36,6 @@ def dense(p: dict[str, Array], a_prev: Array) -> Array:
     return z + p["b"][None, :] if "b" in p else z
 
 
-@functools.cache
-def _outer_sum(dtype) -> Callable[[Array, Array], Array]:
-    """``sum(delta, a_prev)``: Σₙ δₙ aₙᵀ = δᵀ a_prev, ``(batch, n_out), (batch, n_in) ->
-    (n_out, n_in)``, accumulated in ``dtype``.
-
-    The matmul's form follows what XLA:CPU runs fastest. Alone, δᵀ is laid out in memory first
-    (the optimization barrier keeps XLA from folding the transpose back into the dot): a dot
-    contracting both operands' batch axis goes to Eigen, one of a row-major ``(n_out, batch)``
-    operand to YNNPACK's faster kernels (a 64-128-128-10 SGD step at batch 128 takes 0.72× the
-    time; docs/performance.md). Under ``jax.vmap`` (populations, per-example gradients) the
-    plain batched dot is the faster one and is used instead, and so it is on every other
-    backend, whose matmul units read either layout. The switch is ``custom_vmap``, a batching
-    rule, not a derivative: forward-mode ``jax.jvp`` through it works, reverse mode does not.
-    """
-
-    def plain(delta, a_prev):
-        return jnp.einsum("...bo,...bi->...oi", delta, a_prev, preferred_element_type=dtype)
-
-    def laid_out(delta, a_prev):
-        delta_t = jax.lax.optimization_barrier(delta.T)
-        return jnp.matmul(delta_t, a_prev, preferred_element_type=dtype)
-
-    @jax.custom_batching.custom_vmap
-    def outer_sum(delta, a_prev):
-        return jax.lax.platform_dependent(delta, a_prev, cpu=laid_out, default=plain)
-
-    @outer_sum.def_vmap
-    def batched(axis_size, in_batched, delta, a_prev):
-        delta, a_prev = (v if b else jnp.broadcast_to(v, (axis_size, *v.shape))
-                         for v, b in zip((delta, a_prev), in_batched, strict=True))  # fmt: skip
-        return plain(delta, a_prev), True
-
-    return outer_sum
-
-
 def dense_backward(p: dict[str, Array], a_prev: Array, delta: Array, l2) -> tuple[dict, Array]:
     """Local backward rule of the affine map ``z = W a_prev + b``.
 
@@ -88,7 +51,7 @@ def dense_backward(p: dict[str, Array], a_prev: Array, delta: Array, l2) -> tupl
         ``back = W⁽ˡ⁾ᵀ δ⁽ˡ⁾ = ∂L/∂a⁽ˡ⁻¹⁾`` of shape ``(batch, n_in)`` in δ's dtype.
     """
     W = p["W"]
-    dW = _outer_sum(W.dtype)(delta, a_prev)  # Σₙ δaᵀ
+    dW = jnp.matmul(delta.T, a_prev, preferred_element_type=W.dtype)  # Σₙ δaᵀ
     grads = {"W": decay(dW, W, l2)}  # + λW
     if "b" in p:
         grads["b"] = jnp.sum(delta, axis=0, dtype=p["b"].dtype)  # Σₙ δ
