@@ -10,7 +10,9 @@ One run measures, on whatever device JAX has (a benchmark, not a test: nothing h
   the same run (the best of a few large square XLA matmuls of the same dtype);
 * the same for nets beyond the MLP (the digits CNN, the MNIST-1D CNN, a residual MLP with
   BatchNorm): the hand-written step against the ``jax.grad`` step of the same forward and a
-  Flax peer;
+  Flax peer; beside each manual/Flax ratio (both sections) an A/A control, the hand-written
+  step over itself built and compiled a second time, timed in the same rounds (what noise
+  alone does);
 * sweep throughput of 64 small models on digits: a Python loop of jitted steps, a scan-fused
   epoch per model, and the vmapped population + scan;
 * per-example gradients: hand-written (``fnbp.per_example_grads``) vs ``vmap(jax.grad)``;
@@ -30,7 +32,7 @@ XLA's default precision does.
 
 Usage::
 
-    .venv/bin/python scripts/bench.py                  # the full run (~3 min on a 2-core CPU)
+    .venv/bin/python scripts/bench.py                  # the full run (~8 min on a 2-core CPU)
     .venv/bin/python scripts/bench.py --quick          # every section at toy sizes, for tests
     .venv/bin/python scripts/bench.py --configs small --no-torch
 
