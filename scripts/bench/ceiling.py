@@ -27,11 +27,14 @@ def matmul_ceiling(dtype: str, sizes, repeats: int) -> dict:
     return {"tflops_by_size": out, "tflops": max(out.values())}
 
 
-def step_matmuls(sizes, batch: int, dtype: str, repeats: int, population: int = 0) -> dict:
+def step_matmuls_program(sizes, batch: int, dtype: str, population: int = 0):
     """The matmuls of one train step alone (forward z = aWᵀ, Σδaᵀ for every layer, Wᵀδ for
     every layer but the first), as one jitted program: what the step's matmuls can reach.
     With ``population`` > 0, the same for that many models at once (``vmap``, as in
-    :func:`fnbp.make_population_epoch`)."""
+    :func:`fnbp.make_population_epoch`).
+
+    Returns ``(call, flops)``: ``call()`` runs the compiled program once and waits for it;
+    ``flops`` is what one call computes."""
     dt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     lead = (population,) if population else ()
     keys = iter(jax.random.split(jax.random.key(0), 3 * len(sizes)))
@@ -48,16 +51,19 @@ def step_matmuls(sizes, batch: int, dtype: str, repeats: int, population: int = 
         return out
 
     matmuls = jax.jit(jax.vmap(one) if population else one)
-    jax.block_until_ready(matmuls(acts, Ws))
-    t = statistics.median(
-        time_calls(lambda: jax.block_until_ready(matmuls(acts, Ws)), 3) for _ in range(repeats)
-    )
-    flops = 2 * batch * (3 * weights(sizes) - sizes[0] * sizes[1]) * max(population, 1)
+    call = lambda: jax.block_until_ready(matmuls(acts, Ws))  # noqa: E731
+    call()  # compile
+    return call, 2 * batch * (3 * weights(sizes) - sizes[0] * sizes[1]) * max(population, 1)
+
+
+def step_matmuls(sizes, batch: int, dtype: str, repeats: int) -> dict:
+    """:func:`step_matmuls_program` of one model timed: the median of ``repeats`` rounds."""
+    call, flops = step_matmuls_program(sizes, batch, dtype)
+    t = statistics.median(time_calls(call, 3) for _ in range(repeats))
     return {
         "sizes": list(sizes),
         "batch": batch,
         "dtype": dtype,
-        "population": population,
         "ms": 1e3 * t,
         "tflops": flops / t / 1e12,
     }

@@ -224,7 +224,10 @@ def _sweep(result) -> list[str]:
         f"model-step ({1e3 * sw['matmul_floor_tflops']:.0f} GFLOP/s), so no program that "
         f"does them can beat the loop by more than {sw['max_speedup_over_loop']:.1f}× here"
         + (
-            f"; the population reaches {100 * sw['floor_fraction']:.0f}% of that. Where a "
+            f"; the population reaches {100 * sw['floor_fraction']:.0f}% of that (the floor's "
+            "time over the population's, paired per round: the two are timed in the same "
+            f"rounds; per-round IQR {100 * sw['floor_fraction_iqr'][0]:.0f}–"
+            f"{100 * sw['floor_fraction_iqr'][1]:.0f}%). Where a "
             "model-step's time goes (µs): "
             + ", ".join(f"{k} {v:.1f}" for k, v in sw["us_per_model_step"].items())
             + " (plain SGD: the same program without the momentum buffer's pass)."

@@ -4,6 +4,7 @@ population's matmul floor, the real upper bound of any fused form."""
 
 from __future__ import annotations
 
+import random
 import statistics
 
 import jax
@@ -11,8 +12,8 @@ import jax.numpy as jnp
 import optax
 
 import fnbp
-from bench.ceiling import step_matmuls
-from bench.common import LR, MOMENTUM, log, time_calls
+from bench.ceiling import step_matmuls_program
+from bench.common import LR, MOMENTUM, log, paired, time_calls
 from fnbp import data
 
 
@@ -67,33 +68,49 @@ def sweep_section(args) -> dict:
             p, s, m = fn(p, s, jax.vmap(lambda k, e=e: jax.random.fold_in(k, e))(keys), x, y)
         jax.block_until_ready(p)
 
+    # The floor: the population's matmuls alone, vmapped like its step, as many model-steps
+    # per call of the round as the population's epochs take (steps × epochs calls).
+    floor_call, floor_flops = step_matmuls_program((64, 128, 128, 10), batch, "float32", P)
+
+    def floor():
+        for _ in range(steps * epochs):
+            floor_call()
+
     result = {"models": P, "batch": batch, "steps_per_epoch": steps, "epochs": epochs}
     fns = {"python_loop": loop, "scan_epoch": scan, "vmap_population_scan": population_scan,
-           "vmap_population_plain_sgd": lambda: population_scan(pop_plain, plain)}  # fmt: skip
+           "vmap_population_plain_sgd": lambda: population_scan(pop_plain, plain),
+           "matmul_floor": floor}  # fmt: skip
     for fn in fns.values():  # warm-up: compile each program once
         fn()
+    # Every form and the floor in the same rounds, each round in a new order: the floor
+    # fraction is then paired per round, as the step ratios are (robust to the machine's
+    # load drifting between rounds).
     times = {name: [] for name in fns}
-    for _ in range(max(1, args.repeats // 2)):
-        for name, fn in fns.items():
-            times[name].append(time_calls(fn))
+    order = random.Random(0)
+    for _ in range(max(2, 2 * args.repeats // 3)):
+        for name in order.sample(list(fns), len(fns)):
+            times[name].append(time_calls(fns[name]))
+    model_steps = P * steps * epochs
     for name, ts in times.items():
         t = statistics.median(ts)
-        result[name] = {"seconds": t, "model_steps_per_s": P * steps * epochs / t}
-        log(f"  {name:22s} {P * steps * epochs / t:12.0f} model-steps/s")
+        if name != "matmul_floor":
+            result[name] = {"seconds": t, "model_steps_per_s": model_steps / t}
+            log(f"  {name:22s} {model_steps / t:12.0f} model-steps/s")
     result["speedup_population_over_loop"] = (
         result["vmap_population_scan"]["model_steps_per_s"]
         / result["python_loop"]["model_steps_per_s"]
     )
-    # A floor no fused form can beat: the population's matmuls alone, vmapped like its step.
-    floor = step_matmuls((64, 128, 128, 10), batch, "float32", max(3, args.repeats), P)
-    result["matmul_floor_us_per_model_step"] = 1e3 * floor["ms"] / P
-    result["matmul_floor_tflops"] = floor["tflops"]
+    t_floor = statistics.median(times["matmul_floor"])
+    result["matmul_floor_us_per_model_step"] = 1e6 * t_floor / model_steps
+    result["matmul_floor_tflops"] = floor_flops * steps * epochs / t_floor / 1e12
     result["max_speedup_over_loop"] = (1e6 / result["python_loop"]["model_steps_per_s"]) / result[
         "matmul_floor_us_per_model_step"
     ]
-    result["floor_fraction"] = (
-        result["speedup_population_over_loop"] / result["max_speedup_over_loop"]
-    )
+    # the floor's time over the population's, per round: the fraction of the floor reached
+    f = paired(times["matmul_floor"], times["vmap_population_scan"])
+    result["floor_fraction"] = f["ratio"]
+    result["floor_fraction_iqr"] = f["paired_iqr"]
+    result["floor_fraction_of_medians"] = f["ratio_of_medians"]
     us = lambda name: 1e6 / result[name]["model_steps_per_s"]  # noqa: E731
     result["us_per_model_step"] = {
         "matmuls alone": result["matmul_floor_us_per_model_step"],
@@ -103,6 +120,7 @@ def sweep_section(args) -> dict:
     log(
         f"  matmuls alone: {result['matmul_floor_us_per_model_step']:.1f} µs per model-step, "
         f"at most {result['max_speedup_over_loop']:.1f}× the loop; the population reaches "
-        f"{100 * result['floor_fraction']:.0f}% of that"
+        f"{100 * result['floor_fraction']:.0f}% of that (per-round IQR "
+        f"{100 * f['paired_iqr'][0]:.0f}–{100 * f['paired_iqr'][1]:.0f}%)"
     )
     return result
