@@ -645,11 +645,13 @@ def uninterrupted_net(tmp_path_factory):
     return _run_whole(tmp_path_factory.mktemp("long-net"), LONG_NET)
 
 
-def _resume(out):
-    return subprocess.run(
-        [_fnbp_script(), "train", "--resume", str(out), "--no-progress"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+def _resume(out) -> tuple[int, str]:
+    """``fnbp train --resume`` in this process (the stopped run's process is gone; its folder is
+    all a resume reads): (return code, stderr)."""
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        rc = main(["train", "--resume", str(out), "--no-progress"])
+    return rc, err.getvalue()
 
 
 def _same_results(run, reference):
@@ -680,9 +682,9 @@ def test_signal_saves_a_checkpoint_and_resume_ends_bitwise_identical(
     stopped, saved = int(match.group(1)), Path(match.group(2))
     assert stopped >= seen and saved.name == f"ckpt-{stopped:09d}.npz" and saved.is_file()
     assert not (out / "params.npz").exists()
-    resumed = _resume(out)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming {out} from ckpt-{stopped:09d}.npz" in resumed.stderr
+    rc, resumed = _resume(out)
+    assert rc == 0, resumed
+    assert f"resuming {out} from ckpt-{stopped:09d}.npz" in resumed
     _same_results(out, uninterrupted)
 
 
@@ -704,8 +706,8 @@ def test_kill_9_loses_at_most_one_checkpoint_interval_and_resumes_bitwise(
     assert int(newest.stem[5:]) >= seen  # every checkpoint it finished is there, and whole
     for path in (out / "checkpoints").glob("ckpt-*.npz"):
         verify_checkpoint(path)
-    resumed = _resume(out)
-    assert resumed.returncode == 0, resumed.stderr
+    rc, resumed = _resume(out)
+    assert rc == 0, resumed
     _same_results(out, uninterrupted)
     assert not list((out / "checkpoints").glob(".*"))  # no temporary file left behind
 
