@@ -50,10 +50,15 @@ def schemes():
     return out
 
 
+# every seed's layer_stats in one program, compiled once per model and run for every scheme
+_stats = jax.jit(jax.vmap(diagnostics._layer_stats, in_axes=(0, None, None, None)))
+
+
 def measure(model, scheme, keys, x, y):
-    """layer_stats of one network per key, stacked: dict of (seeds, L) arrays (float64)."""
+    """layer_stats of one network per key, stacked: dict of (seeds, L) arrays (float64).
+    The params are drawn eagerly (a jitted init would compile once per scheme)."""
     params = jax.vmap(lambda k: fnbp.init_params(k, model, scheme, dtype=jnp.float64))(keys)
-    return jax.vmap(lambda p: diagnostics._layer_stats(p, model, x, y))(params)
+    return _stats(params, model, x, y)
 
 
 def predict(activation, scheme, sizes, x):
