@@ -12,7 +12,8 @@
 # of its time, and level 0 cuts that by about a third (tests/test_backprop.py: 96 s -> 66 s).
 # The HLO passes (fusion, layout, algebraic simplification) still run, only LLVM's machine-code
 # optimizations are skipped; results can differ in float rounding only, within every test's
-# tolerance (the docs pages' examples, which print rounding noise, run at XLA's default level).
+# tolerance (the one docs page whose examples print level-dependent rounding noise runs at
+# XLA's default level: tests/test_docs_examples.py ROUNDING_PAGES).
 # Timings belong to scripts/bench.py, which runs at XLA's defaults. Subprocesses inherit the
 # flag (tests that force CPU devices add to it: tests/helpers.py xla_flags).
 set -euo pipefail
